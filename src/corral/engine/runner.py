@@ -1,0 +1,325 @@
+"""The continuous-batching loop: one llama context, N sequence slots, one decode thread.
+
+Each step builds one `llama_batch` holding the next token of every decoding sequence plus chunks of
+pending prompts (bounded by `n_batch`, so a long prompt never stalls running streams), calls
+`llama_decode` once, and samples every sequence that produced logits with its own sampler chain.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import llama_cpp.llama_cpp as ll
+import numpy as np
+
+from .job import Done, Failed, Finished, GenerateJob, Token
+from .model import LlamaModel
+from .sampling import build_chain, free_chain
+from .text import TextStream
+
+log = logging.getLogger("corral.engine")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    n_ctx_per_seq: int = 4096
+    n_parallel: int = 4
+    n_threads: int = 2
+    n_batch: int = 512
+
+
+@dataclass
+class _Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what this sequence holds in the KV cache
+    job: GenerateJob | None = None
+    choice: int = 0
+    primary: bool = False  # the slot that prefills for the whole job (its forks copy the cache)
+    forks: list["_Slot"] = field(default_factory=list)
+    chain: ctypes.c_void_p | None = None
+    text: TextStream | None = None
+    next_token: int = -1  # sampled, not yet in the cache
+    generated: int = 0
+    logprob_sum: float = 0.0
+
+    @property
+    def decoding(self) -> bool:
+        return self.job is not None and self.next_token >= 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.job is not None and self.primary and self.next_token < 0
+
+
+class _Batch:
+    """A reusable `llama_batch` with numpy views over its arrays, so filling it costs little Python."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = ll.llama_batch_init(capacity, 0, 1)
+        self.token = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
+        self.pos = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
+        self.logits = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))
+        np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))[:] = 1
+        self._seq_ptrs = [self.raw.seq_id[i] for i in range(capacity)]
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, tokens: list[int], start_pos: int, seq: int, want_last: bool) -> int:
+        """Appends tokens of one sequence; returns the batch index of the last one."""
+        i, k = self.n, len(tokens)
+        self.token[i : i + k] = tokens
+        self.pos[i : i + k] = np.arange(start_pos, start_pos + k)
+        self.logits[i : i + k] = 0
+        for j in range(i, i + k):
+            self._seq_ptrs[j][0] = seq
+        if want_last:
+            self.logits[i + k - 1] = 1
+        self.n += k
+        return i + k - 1
+
+    def free(self) -> None:
+        ll.llama_batch_free(self.raw)
+
+
+class Runner:
+    """Owns one loaded model's context. `submit` is safe from any thread; all llama calls stay on one thread."""
+
+    def __init__(self, model: LlamaModel, config: RunnerConfig) -> None:
+        self.model = model
+        self.config = config
+        params = ll.llama_context_default_params()
+        params.n_ctx = config.n_ctx_per_seq * config.n_parallel
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_batch
+        params.n_seq_max = config.n_parallel
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads
+        params.kv_unified = True  # cells shared by all sequences: forks and prefix copies are cheap
+        params.no_perf = True
+        ctx = ll.llama_init_from_model(model.handle, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {model.path}")
+        self.ctx = ctx
+        self.memory = ll.llama_get_memory(ctx)
+        self.slots = [_Slot(seq=i) for i in range(config.n_parallel)]
+        self._batch = _Batch(config.n_batch)
+        self._pending: collections.deque[GenerateJob] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"corral-runner-{model.path.name}", daemon=True)
+        self._thread.start()
+
+    # -- public ----------------------------------------------------------------------
+    def submit(self, job: GenerateJob) -> None:
+        if job.n > self.config.n_parallel:
+            raise ValueError(f"a job of {job.n} choices needs more than the {self.config.n_parallel} slots")
+        with self._wake:
+            self._pending.append(job)
+            self._wake.notify()
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None) + len(self._pending)
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        for slot in self.slots:
+            free_chain(slot.chain)
+            slot.chain = None
+        self._batch.free()
+        ll.llama_free(self.ctx)
+
+    # -- the loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._pending and not any(s.job for s in self.slots):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._step()
+            except Exception as exc:  # keep serving: fail the running jobs, not the process
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {exc}")
+        for slot in self.slots:
+            if slot.job is not None and slot.primary:
+                slot.job.emit(Failed("the model was unloaded"))
+        with self._wake:
+            for job in self._pending:
+                job.emit(Failed("the model was unloaded"))
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            for job in [j for j in self._pending if j.cancelled.is_set()]:
+                self._pending.remove(job)
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled.is_set():
+                self._release(slot)
+
+    def _admit(self) -> None:
+        """First come, first served: the head job waits until it has a slot for every choice."""
+        while True:
+            with self._wake:
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                free = [s for s in self.slots if s.job is None]
+                if len(free) < job.n:
+                    return
+                self._pending.popleft()
+            self._start(job, free)
+
+    def _start(self, job: GenerateJob, free: list[_Slot]) -> None:
+        # Prefix reuse: the free slot already holding the longest prefix of this prompt prefills it.
+        def shared(slot: _Slot) -> int:
+            n = 0
+            for a, b in zip(slot.tokens, job.prompt):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        free.sort(key=shared, reverse=True)
+        primary, forks = free[0], free[1 : job.n]
+        keep = min(shared(primary), len(job.prompt) - 1)
+        if not ll.llama_memory_seq_rm(self.memory, primary.seq, keep, -1):
+            ll.llama_memory_seq_rm(self.memory, primary.seq, -1, -1)
+            keep = 0
+        del primary.tokens[keep:]
+        job.cached_tokens = keep
+        job.remaining = job.n
+        for choice, slot in enumerate([primary, *forks]):
+            slot.job = job
+            slot.choice = choice
+            slot.primary = slot is primary
+            slot.forks = forks if slot is primary else []
+            slot.chain = build_chain(job.sampling[choice], self.model.n_vocab, job.n_ctx)
+            slot.text = TextStream(job.stop)
+            slot.next_token = -1
+            slot.generated = 0
+            slot.logprob_sum = 0.0
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[_Slot, int]] = []
+        for slot in self.slots:
+            if slot.decoding:
+                idx = batch.add([slot.next_token], len(slot.tokens), slot.seq, True)
+                outputs.append((slot, idx))
+        prefills: list[tuple[_Slot, list[int]]] = []
+        for slot in self.slots:
+            room = batch.capacity - batch.n
+            if room <= 0:
+                break
+            if slot.prefilling:
+                assert slot.job is not None
+                chunk = slot.job.prompt[len(slot.tokens) : len(slot.tokens) + room]
+                last = len(slot.tokens) + len(chunk) == len(slot.job.prompt)
+                idx = batch.add(chunk, len(slot.tokens), slot.seq, last)
+                prefills.append((slot, chunk))
+                if last:
+                    outputs.append((slot, idx))
+        if batch.n == 0:
+            return
+        batch.raw.n_tokens = batch.n
+        rc = ll.llama_decode(self.ctx, batch.raw)
+        if rc != 0:
+            if rc == 1 and self._evict_idle():
+                return  # cache cells were freed; the same work is rebuilt next step
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for slot, chunk in prefills:
+            slot.tokens.extend(chunk)
+        for slot, idx in outputs:
+            if slot.job is None:
+                continue
+            if slot.decoding:
+                slot.tokens.append(slot.next_token)
+            else:  # prefill just completed: forks copy the prompt's cache and sample from the same logits
+                for fork in slot.forks:
+                    ll.llama_memory_seq_rm(self.memory, fork.seq, -1, -1)
+                    ll.llama_memory_seq_cp(self.memory, slot.seq, fork.seq, -1, -1)
+                    fork.tokens = list(slot.tokens)
+                    self._sample(fork, idx)
+            self._sample(slot, idx)
+
+    def _sample(self, slot: _Slot, idx: int) -> None:
+        job = slot.job
+        assert job is not None and slot.text is not None
+        token = ll.llama_sampler_sample(slot.chain, self.ctx, idx)
+        logprob = self._logprob(idx, token) if job.want_logprobs else None
+        if self.model.is_eog(token):
+            return self._finish(slot, "stop")
+        slot.generated += 1
+        if logprob is not None:
+            slot.logprob_sum += logprob
+        text, stopped = slot.text.feed(self.model.token_bytes(token))
+        job.emit(Token(slot.choice, text, token, logprob))
+        if stopped:
+            return self._finish(slot, "stop")
+        if slot.generated >= job.max_tokens or len(slot.tokens) + 1 >= job.n_ctx:
+            return self._finish(slot, "length")
+        slot.next_token = token
+
+    def _logprob(self, idx: int, token: int) -> float:
+        """Log-probability under the model's raw distribution (log-softmax of the logits)."""
+        ptr = ll.llama_get_logits_ith(self.ctx, idx)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float64)
+        top = logits.max()
+        return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        job = slot.job
+        assert job is not None and slot.text is not None
+        tail = slot.text.finish() if reason == "length" or reason == "stop" else ""
+        job.emit(
+            Finished(
+                slot.choice, reason, slot.generated, tail, slot.logprob_sum if job.want_logprobs else None
+            )
+        )
+        job.remaining -= 1
+        if job.remaining == 0:
+            job.emit(Done(prompt_tokens=len(job.prompt), cached_tokens=job.cached_tokens))
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        """The slot keeps its cache (for prefix reuse) but no longer belongs to a job."""
+        free_chain(slot.chain)
+        slot.chain = None
+        slot.job = None
+        slot.forks = []
+        slot.text = None
+        slot.next_token = -1
+
+    def _evict_idle(self) -> bool:
+        freed = False
+        for slot in self.slots:
+            if slot.job is None and slot.tokens:
+                ll.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+                slot.tokens = []
+                freed = True
+        return freed
+
+    def _fail_all(self, message: str) -> None:
+        jobs = {id(s.job): s.job for s in self.slots if s.job is not None}
+        for slot in self.slots:
+            if slot.job is not None:
+                ll.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+                slot.tokens = []
+                self._release(slot)
+        for job in jobs.values():
+            assert job is not None
+            job.emit(Failed(message))

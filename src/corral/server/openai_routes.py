@@ -1,0 +1,87 @@
+"""The /v1 routes: thin translators between HTTP and the service; no route touches the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..protocol.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Model,
+    ModelList,
+)
+from ..service import catalog, chat, completions
+from ..service.errors import InvalidRequest
+from ..service.models import ModelManager
+from .sse import sse_response
+
+log = logging.getLogger("corral.server")
+router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+T = TypeVar("T")
+
+
+def _manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs a non-streamed generation, abandoning it (and freeing its slot) if the client goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=499)  # type: ignore[return-value]
+    return task.result()
+
+
+def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    _check_stream_options(body)
+    log.info("chat model=%s user=%s stream=%s", body.model, body.user, bool(body.stream))
+    prepared = await chat.prepare(_manager(request), body)
+    if body.stream:
+        return sse_response(chat.stream(prepared))
+    return await _unless_disconnected(request, chat.complete(prepared))
+
+
+@router.post("/completions", response_model=Completion)
+async def create_completion(body: CompletionRequest, request: Request):
+    _check_stream_options(body)
+    log.info("completion model=%s user=%s stream=%s", body.model, body.user, bool(body.stream))
+    prepared = await completions.prepare(_manager(request), body)
+    if body.stream:
+        return sse_response(completions.stream(prepared))
+    return await _unless_disconnected(request, completions.complete(prepared))
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return catalog.list_models(_manager(request))
+
+
+@router.get("/models/{name:path}", response_model=Model)
+async def retrieve_model(name: str, request: Request) -> Model:
+    return catalog.retrieve_model(_manager(request), name)

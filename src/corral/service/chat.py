@@ -1,0 +1,152 @@
+"""Chat completions: messages to a prompt through the model's template, engine events to OpenAI objects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.job import Done, Finished, GenerateJob, Token
+from ..protocol.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Delta,
+    PromptTokensDetails,
+    Usage,
+)
+from .errors import InvalidRequest
+from .generation import (
+    budget,
+    check_choices,
+    choice_params,
+    collect,
+    context_limit,
+    events,
+    new_id,
+    sampling_params,
+)
+from .models import LoadedModel, ModelManager
+from .templates import TemplateRenderError
+
+
+def template_messages(request: ChatCompletionRequest, loaded: LoadedModel) -> list[dict[str, Any]]:
+    """OpenAI messages as the template expects them; `developer` is a system message to every template."""
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(request.messages):
+        if message.has_images():
+            raise InvalidRequest(
+                f"model '{request.model}' does not support images (messages[{i}] has an image_url part)",
+                param=f"messages[{i}].content",
+            )
+        item: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": message.text(),
+        }
+        if message.name is not None:
+            item["name"] = message.name
+        out.append(item)
+    if loaded.system is not None and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": loaded.system})
+    return out
+
+
+def prompt_tokens(request: ChatCompletionRequest, loaded: LoadedModel) -> list[int]:
+    messages = template_messages(request, loaded)
+    try:
+        if messages[-1]["role"] == "assistant":
+            text = loaded.template.render_continuation(messages)
+        else:
+            text = loaded.template.render(messages, add_generation_prompt=True)
+    except TemplateRenderError as exc:
+        raise InvalidRequest(str(exc), param="messages") from None
+    model = loaded.model
+    bos_text = loaded.template.bos_token
+    add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
+    return model.tokenize(text, add_special=add_bos, parse_special=True)
+
+
+@dataclass
+class PreparedChat:
+    request: ChatCompletionRequest
+    loaded: LoadedModel
+    job: GenerateJob
+    id: str
+    created: int
+
+    def usage(self, done: Done, completion_tokens: int) -> Usage:
+        return Usage(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=done.prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_tokens),
+        )
+
+
+async def prepare(manager: ModelManager, request: ChatCompletionRequest) -> PreparedChat:
+    """Everything that can fail on bad input happens here, before a response (or stream) starts."""
+    loaded = await manager.get(request.model, request.num_ctx)
+    n = request.n or 1
+    check_choices(n, loaded)
+    tokens = prompt_tokens(request, loaded)
+    n_ctx = context_limit(request, loaded)
+    requested = request.max_completion_tokens or request.max_tokens
+    stop = request.stops() if request.stop is not None else list(loaded.params.get("stop") or [])
+    job = GenerateJob(
+        prompt=tokens,
+        sampling=choice_params(sampling_params(request, loaded), n),
+        max_tokens=budget(len(tokens), n_ctx, requested, loaded),
+        n_ctx=n_ctx,
+        stop=stop,
+    )
+    return PreparedChat(request, loaded, job, new_id("chatcmpl"), int(time.time()))
+
+
+async def complete(chat: PreparedChat) -> ChatCompletion:
+    outcomes, done = await collect(chat.job, chat.loaded)
+    return ChatCompletion(
+        id=chat.id,
+        created=chat.created,
+        model=chat.request.model,
+        system_fingerprint=chat.loaded.fingerprint,
+        choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
+            for i, o in enumerate(outcomes)
+        ],
+        usage=chat.usage(done, sum(o.completion_tokens for o in outcomes)),
+    )
+
+
+async def stream(chat: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
+    """OpenAI's framing: role in each choice's first delta, content deltas, a finish chunk, then usage."""
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=chat.id,
+            created=chat.created,
+            model=chat.request.model,
+            system_fingerprint=chat.loaded.fingerprint,
+            choices=choices,
+            usage=usage,
+        )
+
+    for index in range(chat.job.n):
+        yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+    completion_tokens = 0
+    async for event in events(chat.job, chat.loaded):
+        if isinstance(event, Token):
+            if event.text:
+                yield chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+        elif isinstance(event, Finished):
+            completion_tokens += event.completion_tokens
+            if event.text:
+                yield chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+            yield chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.reason)])
+        elif isinstance(event, Done):
+            options = chat.request.stream_options
+            if options is not None and options.include_usage:
+                yield chunk([], usage=chat.usage(event, completion_tokens))

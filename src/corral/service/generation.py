@@ -1,0 +1,138 @@
+"""What chat and completions share: sampling precedence, context checks, running a job to its events.
+
+Precedence for every sampling field: the request, then the model's PARAMETERs, then corral's defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..engine.job import Done, Event, Failed, Finished, GenerateJob, Token
+from ..engine.sampling import SamplingParams
+from ..protocol.openai import SamplingFields
+from .errors import EngineFailure, InvalidRequest
+from .models import LoadedModel
+
+# Request fields that map one to one onto SamplingParams (and onto Ollama's PARAMETER names).
+_SAMPLING_FIELDS = [f.name for f in fields(SamplingParams) if f.name != "logit_bias"]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def sampling_params(request: SamplingFields, loaded: LoadedModel) -> SamplingParams:
+    values: dict[str, Any] = {}
+    for name in _SAMPLING_FIELDS:
+        requested = getattr(request, name, None)
+        if requested is not None:
+            values[name] = requested
+        elif loaded.params.get(name) is not None:
+            values[name] = loaded.params[name]
+    if request.logit_bias:
+        bias = {}
+        for key, value in request.logit_bias.items():
+            token = int(key)
+            if not 0 <= token < loaded.model.n_vocab:
+                raise InvalidRequest(
+                    f"logit_bias token {token} is outside the vocabulary (0..{loaded.model.n_vocab - 1})",
+                    param="logit_bias",
+                )
+            bias[token] = value
+        values["logit_bias"] = bias
+    return SamplingParams(**values)
+
+
+def choice_params(base: SamplingParams, n: int) -> list[SamplingParams]:
+    """Each choice gets its own seed (seed, seed+1, ...), so a seeded request repeats and its choices differ."""
+    if base.seed is None:
+        return [base] * n
+    return [base.with_seed(base.seed + i) for i in range(n)]
+
+
+def check_choices(n: int, loaded: LoadedModel, param: str = "n") -> None:
+    slots = loaded.runner.config.n_parallel
+    if n > slots:
+        raise InvalidRequest(
+            f"'{param}' is {n}, but this server runs {slots} sequences in parallel (CORRAL_NUM_PARALLEL); "
+            f"ask for at most {slots}",
+            param=param,
+        )
+
+
+def context_limit(request: SamplingFields, loaded: LoadedModel) -> int:
+    return request.num_ctx or loaded.n_ctx
+
+
+def budget(
+    prompt_tokens: int, n_ctx: int, requested: int | None, loaded: LoadedModel, default: int | None = None
+) -> int:
+    """How many tokens each choice may generate; a prompt or request that cannot fit is a 400."""
+    if prompt_tokens >= n_ctx:
+        raise InvalidRequest(
+            f"This model's maximum context length is {n_ctx} tokens. However, your prompt has {prompt_tokens} "
+            f"tokens. Please shorten it, or raise num_ctx.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    room = n_ctx - prompt_tokens
+    if requested is not None:
+        if requested > room:
+            raise InvalidRequest(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} in the "
+                f"completion). Please reduce the prompt or the completion length.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+    model_default = loaded.params.get("num_predict")
+    if model_default is not None and int(model_default) > 0:
+        return min(int(model_default), room)
+    return min(default, room) if default is not None else room
+
+
+@dataclass
+class Outcome:
+    """One finished choice."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprob_sum: float | None
+
+
+async def events(job: GenerateJob, loaded: LoadedModel) -> AsyncIterator[Event]:
+    """Submits the job and yields its events up to Done; cancels the job if the consumer goes away."""
+    job.loop = asyncio.get_running_loop()
+    loaded.runner.submit(job)
+    try:
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Failed):
+                raise EngineFailure(event.message)
+            yield event
+            if isinstance(event, Done):
+                return
+    finally:
+        job.cancel()
+
+
+async def collect(job: GenerateJob, loaded: LoadedModel) -> tuple[list[Outcome], Done]:
+    texts = [[] for _ in range(job.n)]
+    outcomes: list[Outcome | None] = [None] * job.n
+    async for event in events(job, loaded):
+        if isinstance(event, Token):
+            texts[event.index].append(event.text)
+        elif isinstance(event, Finished):
+            texts[event.index].append(event.text)
+            outcomes[event.index] = Outcome(
+                "".join(texts[event.index]), event.reason, event.completion_tokens, event.logprob_sum
+            )
+        elif isinstance(event, Done):
+            return [o for o in outcomes if o is not None], event
+    raise EngineFailure("the engine ended the job without finishing it")
