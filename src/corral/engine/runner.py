@@ -101,7 +101,9 @@ class Runner:
         params.n_seq_max = config.n_parallel
         params.n_threads = config.n_threads
         params.n_threads_batch = config.n_threads
-        params.kv_unified = True  # cells shared by all sequences: forks and prefix copies are cheap
+        # One KV stream per sequence: attention reads only its own cells, which is faster than a shared
+        # stream and makes a sequence's numbers independent of what other sequences left in the cache.
+        params.kv_unified = False
         params.no_perf = True
         ctx = ll.llama_init_from_model(model.handle, params)
         if not ctx:
