@@ -1,0 +1,111 @@
+"""The batch loop without a server: chunked prefill, prefix reuse, forks for n > 1, cancellation, queueing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from corral.engine.job import Done, Finished, GenerateJob, Token
+from corral.engine.runner import Runner, RunnerConfig
+from corral.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def runner(vocab):
+    r = Runner(vocab, RunnerConfig(n_ctx_per_seq=1024, n_parallel=2, n_threads=2, n_batch=64))
+    yield r
+    r.close()
+
+
+def run(runner, jobs):
+    async def one(job):
+        job.loop = asyncio.get_running_loop()
+        runner.submit(job)
+        texts, finished, done = {}, {}, None
+        while done is None:
+            e = await job.events.get()
+            if isinstance(e, Token):
+                texts[e.index] = texts.get(e.index, "") + e.text
+            elif isinstance(e, Finished):
+                texts[e.index] = texts.get(e.index, "") + e.text
+                finished[e.index] = e
+            elif isinstance(e, Done):
+                done = e
+            else:
+                raise AssertionError(e)
+        return texts, finished, done
+
+    async def all_jobs():
+        return await asyncio.gather(*(one(j) for j in jobs))
+
+    return asyncio.run(all_jobs())
+
+
+def job(vocab, text, n=1, max_tokens=8, sampling=GREEDY, **kw):
+    return GenerateJob(prompt=vocab.tokenize(text, False, False), sampling=[sampling] * n,
+                       max_tokens=max_tokens, n_ctx=1024, **kw)
+
+
+def test_long_prompt_is_prefilled_in_chunks(runner, vocab):
+    text = "The history of the river is long. " * 40  # far more than n_batch=64 tokens
+    [(texts, finished, done)] = run(runner, [job(vocab, text)])
+    assert done.prompt_tokens > 4 * runner.config.n_batch
+    assert finished[0].completion_tokens == 8 and finished[0].reason == "length"
+
+
+def test_prefix_is_reused_and_output_unchanged(runner, vocab):
+    text = "A list of fruits: apple, banana, cherry,"
+    [(first, _, _)] = run(runner, [job(vocab, text)])
+    [(second, _, done)] = run(runner, [job(vocab, text)])
+    assert done.cached_tokens == done.prompt_tokens - 1
+    assert first == second
+
+
+def test_forks_share_one_prefill(runner, vocab):
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2)]
+    j = GenerateJob(prompt=vocab.tokenize("Once upon a time", False, False), sampling=params, max_tokens=6, n_ctx=1024)
+    [(texts, finished, done)] = run(runner, [j])
+    assert set(finished) == {0, 1}
+    assert all(f.completion_tokens == 6 for f in finished.values())
+    assert done.prompt_tokens == len(j.prompt)
+
+
+def test_more_jobs_than_slots_queue_and_complete(runner, vocab):
+    jobs = [job(vocab, f"Count to {i}:", max_tokens=5) for i in range(6)]
+    results = run(runner, jobs)
+    assert all(f[0].completion_tokens == 5 for _, f, _ in results)
+
+
+def test_cancelled_job_frees_its_slot(runner, vocab):
+    long_job = job(vocab, "Tell me a very long story", max_tokens=900)
+
+    async def scenario():
+        long_job.loop = asyncio.get_running_loop()
+        runner.submit(long_job)
+        while not isinstance(await long_job.events.get(), Token):
+            pass
+        long_job.cancel()
+        await asyncio.sleep(0.2)
+        return runner.busy
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_logprobs_are_log_softmax(runner, vocab):
+    [(_, finished, _)] = run(runner, [job(vocab, "Hello", max_tokens=4, want_logprobs=True)])
+    assert finished[0].logprob_sum is not None and finished[0].logprob_sum <= 0.0
+
+
+def test_stop_strings_end_generation(runner, vocab):
+    [(full, _, _)] = run(runner, [job(vocab, "1, 2, 3, 4,", max_tokens=10)])
+    assert " 6" in full[0]
+    [(cut, finished, _)] = run(runner, [job(vocab, "1, 2, 3, 4,", max_tokens=10, stop=[" 6"])])
+    assert cut[0] == full[0][: full[0].find(" 6")] and finished[0].reason == "stop"
+
+
+def test_too_many_choices_is_refused(runner, vocab):
+    with pytest.raises(ValueError):
+        runner.submit(job(vocab, "x", n=3))
