@@ -25,8 +25,11 @@ def run(runner, jobs):
         job.loop = asyncio.get_running_loop()
         runner.submit(job)
         texts, finished, done = {}, {}, None
+        pending = []
         while done is None:
-            e = await job.events.get()
+            if not pending:
+                pending = await job.next_events()
+            e = pending.pop(0)
             if isinstance(e, Token):
                 texts[e.index] = texts.get(e.index, "") + e.text
             elif isinstance(e, Finished):
@@ -85,7 +88,7 @@ def test_cancelled_job_frees_its_slot(runner, vocab):
     async def scenario():
         long_job.loop = asyncio.get_running_loop()
         runner.submit(long_job)
-        while not isinstance(await long_job.events.get(), Token):
+        while not any(isinstance(e, Token) for e in await long_job.next_events()):
             pass
         long_job.cancel()
         await asyncio.sleep(0.2)

@@ -21,8 +21,8 @@ def collect(gen):
 
 def test_frames_then_done():
     async def chunks():
-        yield chunk("a")
-        yield chunk("b")
+        yield [chunk("a")]
+        yield [chunk("b")]
 
     frames = collect(chunks())
     assert frames[-1] == DONE
@@ -31,9 +31,17 @@ def test_frames_then_done():
     assert b'"usage"' not in frames[0]
 
 
+def test_a_group_of_chunks_is_one_write():
+    async def chunks():
+        yield [chunk("a"), chunk("b")]
+
+    frames = collect(chunks())
+    assert len(frames) == 2 and frames[0].count(b"data: ") == 2 and frames[1] == DONE
+
+
 def test_error_after_start_is_an_error_frame_and_the_stream_ends():
     async def chunks():
-        yield chunk("a")
+        yield [chunk("a")]
         raise EngineFailure("decode failed")
 
     frames = collect(chunks())

@@ -7,7 +7,9 @@ A job crosses from the asyncio world into the decode thread and its events cross
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
+import time
 from dataclasses import dataclass, field
 
 from .sampling import SamplingParams
@@ -48,6 +50,12 @@ class Failed:
 Event = Token | Finished | Done | Failed
 
 
+# A streaming consumer is woken at most this often while tokens flow (the first token and every
+# finish wake it at once). Each wake-up costs the event loop a turn that competes with the decode
+# threads for the CPU; on a small machine that costs decode speed (see bench/throughput.py).
+WAKE_INTERVAL_S = 0.02
+
+
 @dataclass
 class GenerateJob:
     prompt: list[int]
@@ -57,22 +65,55 @@ class GenerateJob:
     stop: list[str] = field(default_factory=list)
     want_logprobs: bool = False
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the runner when the job is admitted.
     cached_tokens: int = 0
     remaining: int = 0
+    # Events cross threads through a deque; the consumer is woken once per flush, not once per event.
+    _outbox: collections.deque[Event] = field(default_factory=collections.deque)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _wake_pending: bool = False
+    _last_wake: float = 0.0
 
     @property
     def n(self) -> int:
         return len(self.sampling)
 
     def emit(self, event: Event) -> None:
-        """Called from the decode thread."""
-        if self.loop is None:
-            self.events.put_nowait(event)
-        else:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """Called from the decode thread; the event is delivered at the next `flush`."""
+        self._outbox.append(event)
+
+    def flush(self, force: bool = False) -> None:
+        """Called from the decode thread after each step."""
+        if not self._outbox or self.loop is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_wake < WAKE_INTERVAL_S:
+            return
+        with self._lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._last_wake = now
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def next_events(self) -> list[Event]:
+        """Everything emitted since the last call, waiting until there is something."""
+        while not self._outbox:
+            self._ready.clear()
+            if self._outbox:
+                break
+            await self._ready.wait()
+        batch = []
+        while self._outbox:
+            batch.append(self._outbox.popleft())
+        return batch
 
     def cancel(self) -> None:
         self.cancelled.set()

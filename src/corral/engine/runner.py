@@ -149,6 +149,7 @@ class Runner:
                     self._wake.wait()
                 if self._stopping:
                     break
+            running = {id(s.job): s.job for s in self.slots if s.job is not None}
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -156,12 +157,16 @@ class Runner:
             except Exception as exc:  # keep serving: fail the running jobs, not the process
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {exc}")
+            for job in running.values():
+                job.flush()
         for slot in self.slots:
             if slot.job is not None and slot.primary:
                 slot.job.emit(Failed("the model was unloaded"))
+                slot.job.flush(force=True)
         with self._wake:
             for job in self._pending:
                 job.emit(Failed("the model was unloaded"))
+                job.flush(force=True)
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -270,6 +275,8 @@ class Runner:
             slot.logprob_sum += logprob
         text, stopped = slot.text.feed(self.model.token_bytes(token))
         job.emit(Token(slot.choice, text, token, logprob))
+        if slot.generated == 1:
+            job.flush(force=True)  # the first token goes out at once: time to first token is not delayed
         if stopped:
             return self._finish(slot, "stop")
         if slot.generated >= job.max_tokens or len(slot.tokens) + 1 >= job.n_ctx:
@@ -295,6 +302,7 @@ class Runner:
         job.remaining -= 1
         if job.remaining == 0:
             job.emit(Done(prompt_tokens=len(job.prompt), cached_tokens=job.cached_tokens))
+        job.flush(force=True)
         self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
@@ -325,3 +333,4 @@ class Runner:
         for job in jobs.values():
             assert job is not None
             job.emit(Failed(message))
+            job.flush(force=True)

@@ -29,10 +29,11 @@ def error_frame(message: str, kind: str = "server_error", code: str | None = Non
     return frame({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
-async def sse_bytes(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+async def sse_bytes(chunks: AsyncIterator[list[BaseModel]]) -> AsyncIterator[bytes]:
+    """Each list of chunks goes out as one write."""
     try:
-        async for chunk in chunks:
-            yield frame(chunk)
+        async for group in chunks:
+            yield b"".join(frame(chunk) for chunk in group)
     except ServiceError as exc:
         yield error_frame(exc.message, exc.kind, exc.code)
         return
@@ -43,7 +44,7 @@ async def sse_bytes(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
     yield DONE
 
 
-def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+def sse_response(chunks: AsyncIterator[list[BaseModel]]) -> StreamingResponse:
     return StreamingResponse(
         sse_bytes(chunks),
         media_type="text/event-stream",

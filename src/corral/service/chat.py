@@ -121,8 +121,11 @@ async def complete(chat: PreparedChat) -> ChatCompletion:
     )
 
 
-async def stream(chat: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
-    """OpenAI's framing: role in each choice's first delta, content deltas, a finish chunk, then usage."""
+async def stream(chat: PreparedChat) -> AsyncIterator[list[ChatCompletionChunk]]:
+    """OpenAI's framing: role in each choice's first delta, content deltas, a finish chunk, then usage.
+
+    Chunks come in lists, one per batch of engine events, so they can go out in one write.
+    """
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -134,19 +137,25 @@ async def stream(chat: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
             usage=usage,
         )
 
-    for index in range(chat.job.n):
-        yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+    def content(index: int, text: str) -> ChatCompletionChunk:
+        return chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+
+    yield [chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))]) for i in range(chat.job.n)]
     completion_tokens = 0
-    async for event in events(chat.job, chat.loaded):
-        if isinstance(event, Token):
-            if event.text:
-                yield chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
-        elif isinstance(event, Finished):
-            completion_tokens += event.completion_tokens
-            if event.text:
-                yield chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
-            yield chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.reason)])
-        elif isinstance(event, Done):
-            options = chat.request.stream_options
-            if options is not None and options.include_usage:
-                yield chunk([], usage=chat.usage(event, completion_tokens))
+    async for batch in events(chat.job, chat.loaded):
+        out: list[ChatCompletionChunk] = []
+        for event in batch:
+            if isinstance(event, Token):
+                if event.text:
+                    out.append(content(event.index, event.text))
+            elif isinstance(event, Finished):
+                completion_tokens += event.completion_tokens
+                if event.text:
+                    out.append(content(event.index, event.text))
+                out.append(chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.reason)]))
+            elif isinstance(event, Done):
+                options = chat.request.stream_options
+                if options is not None and options.include_usage:
+                    out.append(chunk([], usage=chat.usage(event, completion_tokens)))
+        if out:
+            yield out

@@ -160,14 +160,14 @@ async def complete(prep: PreparedCompletion) -> Completion:
     )
 
 
-async def stream(prep: PreparedCompletion) -> AsyncIterator[Completion]:
+async def stream(prep: PreparedCompletion) -> AsyncIterator[list[Completion]]:
     """Chunks of every prompt's choices, interleaved as they are produced; usage last when asked for."""
-    merged: asyncio.Queue[tuple[int, Event | Exception]] = asyncio.Queue()
+    merged: asyncio.Queue[tuple[int, list[Event] | Exception]] = asyncio.Queue()
 
     async def pump(p_index: int, job: GenerateJob) -> None:
         try:
-            async for event in events(job, prep.loaded):
-                await merged.put((p_index, event))
+            async for batch in events(job, prep.loaded):
+                await merged.put((p_index, batch))
         except Exception as exc:  # re-raised in the consumer, which owns the response
             await merged.put((p_index, exc))
 
@@ -185,26 +185,28 @@ async def stream(prep: PreparedCompletion) -> AsyncIterator[Completion]:
     generated = 0
     try:
         if prep.request.echo:
-            for p_index, prompt in enumerate(prep.prompts):
-                for c in range(prep.n):
-                    yield chunk(p_index * prep.n + c, prompt.text)
+            yield [chunk(p * prep.n + c, prompt.text) for p, prompt in enumerate(prep.prompts) for c in range(prep.n)]
         while len(dones) < len(tasks):
-            p_index, event = await merged.get()
-            if isinstance(event, Exception):
-                raise event
-            if isinstance(event, Token) and event.text:
-                yield chunk(p_index * prep.n + event.index, event.text)
-            elif isinstance(event, Finished):
-                generated += event.completion_tokens
-                yield chunk(p_index * prep.n + event.index, event.text, event.reason)
-            elif isinstance(event, Done):
-                dones.append(event)
+            p_index, batch = await merged.get()
+            if isinstance(batch, Exception):
+                raise batch
+            out = []
+            for event in batch:
+                if isinstance(event, Token) and event.text:
+                    out.append(chunk(p_index * prep.n + event.index, event.text))
+                elif isinstance(event, Finished):
+                    generated += event.completion_tokens
+                    out.append(chunk(p_index * prep.n + event.index, event.text, event.reason))
+                elif isinstance(event, Done):
+                    dones.append(event)
+            if out:
+                yield out
         options = prep.request.stream_options
         if options is not None and options.include_usage:
             usage_chunk = chunk(0, "")
             usage_chunk.choices = []
             usage_chunk.usage = _usage(dones, generated)
-            yield usage_chunk
+            yield [usage_chunk]
     finally:
         for task in tasks:
             task.cancel()

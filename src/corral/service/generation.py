@@ -106,17 +106,21 @@ class Outcome:
     logprob_sum: float | None
 
 
-async def events(job: GenerateJob, loaded: LoadedModel) -> AsyncIterator[Event]:
-    """Submits the job and yields its events up to Done; cancels the job if the consumer goes away."""
+async def events(job: GenerateJob, loaded: LoadedModel) -> AsyncIterator[list[Event]]:
+    """Submits the job and yields its events, in the batches the engine delivered them, up to Done.
+
+    Batches let a stream write several chunks at once; the job is cancelled if the consumer goes away.
+    """
     job.loop = asyncio.get_running_loop()
     loaded.runner.submit(job)
     try:
         while True:
-            event = await job.events.get()
-            if isinstance(event, Failed):
-                raise EngineFailure(event.message)
-            yield event
-            if isinstance(event, Done):
+            batch = await job.next_events()
+            failed = next((e for e in batch if isinstance(e, Failed)), None)
+            if failed is not None:
+                raise EngineFailure(failed.message)
+            yield batch
+            if isinstance(batch[-1], Done):
                 return
     finally:
         job.cancel()
@@ -125,14 +129,15 @@ async def events(job: GenerateJob, loaded: LoadedModel) -> AsyncIterator[Event]:
 async def collect(job: GenerateJob, loaded: LoadedModel) -> tuple[list[Outcome], Done]:
     texts = [[] for _ in range(job.n)]
     outcomes: list[Outcome | None] = [None] * job.n
-    async for event in events(job, loaded):
-        if isinstance(event, Token):
-            texts[event.index].append(event.text)
-        elif isinstance(event, Finished):
-            texts[event.index].append(event.text)
-            outcomes[event.index] = Outcome(
-                "".join(texts[event.index]), event.reason, event.completion_tokens, event.logprob_sum
-            )
-        elif isinstance(event, Done):
-            return [o for o in outcomes if o is not None], event
+    async for batch in events(job, loaded):
+        for event in batch:
+            if isinstance(event, Token):
+                texts[event.index].append(event.text)
+            elif isinstance(event, Finished):
+                texts[event.index].append(event.text)
+                outcomes[event.index] = Outcome(
+                    "".join(texts[event.index]), event.reason, event.completion_tokens, event.logprob_sum
+                )
+            elif isinstance(event, Done):
+                return [o for o in outcomes if o is not None], event
     raise EngineFailure("the engine ended the job without finishing it")
