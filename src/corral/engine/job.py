@@ -10,6 +10,7 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .sampling import SamplingParams
@@ -69,7 +70,7 @@ class GenerateJob:
     # Filled in by the runner when the job is admitted.
     cached_tokens: int = 0
     remaining: int = 0
-    # Events cross threads through a deque; the consumer is woken once per flush, not once per event.
+    # Events cross threads through a deque; the consumer is woken once per delivery, not once per event.
     _outbox: collections.deque[Event] = field(default_factory=collections.deque)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,24 +82,25 @@ class GenerateJob:
         return len(self.sampling)
 
     def emit(self, event: Event) -> None:
-        """Called from the decode thread; the event is delivered at the next `flush`."""
+        """Called from the decode thread; the event is delivered at the next wake-up (see `deliver`)."""
         self._outbox.append(event)
 
-    def flush(self, force: bool = False) -> None:
-        """Called from the decode thread after each step."""
+    def due(self, force: bool = False) -> bool:
+        """Called from the decode thread: whether the consumer should be woken now (and mark it so)."""
         if not self._outbox or self.loop is None:
-            return
+            return False
         now = time.monotonic()
         if not force and now - self._last_wake < WAKE_INTERVAL_S:
-            return
+            return False
         with self._lock:
             if self._wake_pending:
-                return
+                return False
             self._wake_pending = True
         self._last_wake = now
-        self.loop.call_soon_threadsafe(self._wake)
+        return True
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Called on the event loop."""
         with self._lock:
             self._wake_pending = False
         self._ready.set()
@@ -117,3 +119,19 @@ class GenerateJob:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+def _wake_all(jobs: list[GenerateJob]) -> None:
+    for job in jobs:
+        job.wake()
+
+
+def deliver(jobs: Iterable[GenerateJob], force: bool = False) -> None:
+    """Wakes the consumers of every job that is due, with one event-loop call per loop, not per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[GenerateJob]] = {}
+    for job in jobs:
+        if job.due(force):
+            assert job.loop is not None
+            by_loop.setdefault(job.loop, []).append(job)
+    for loop, due in by_loop.items():
+        loop.call_soon_threadsafe(_wake_all, due)

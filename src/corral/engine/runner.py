@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from .job import Done, Failed, Finished, GenerateJob, Token
+from .job import Done, Failed, Finished, GenerateJob, Token, deliver
 from .model import LlamaModel
 from .sampling import build_chain, free_chain
 from .text import TextStream
@@ -157,16 +157,15 @@ class Runner:
             except Exception as exc:  # keep serving: fail the running jobs, not the process
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {exc}")
-            for job in running.values():
-                job.flush()
+            deliver(running.values())
         for slot in self.slots:
             if slot.job is not None and slot.primary:
                 slot.job.emit(Failed("the model was unloaded"))
-                slot.job.flush(force=True)
+                deliver([slot.job], force=True)
         with self._wake:
             for job in self._pending:
                 job.emit(Failed("the model was unloaded"))
-                job.flush(force=True)
+            deliver(self._pending, force=True)
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -276,7 +275,7 @@ class Runner:
         text, stopped = slot.text.feed(self.model.token_bytes(token))
         job.emit(Token(slot.choice, text, token, logprob))
         if slot.generated == 1:
-            job.flush(force=True)  # the first token goes out at once: time to first token is not delayed
+            deliver([job], force=True)  # the first token goes out at once: time to first token is not delayed
         if stopped:
             return self._finish(slot, "stop")
         if slot.generated >= job.max_tokens or len(slot.tokens) + 1 >= job.n_ctx:
@@ -302,7 +301,7 @@ class Runner:
         job.remaining -= 1
         if job.remaining == 0:
             job.emit(Done(prompt_tokens=len(job.prompt), cached_tokens=job.cached_tokens))
-        job.flush(force=True)
+        deliver([job], force=True)
         self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
@@ -333,4 +332,4 @@ class Runner:
         for job in jobs.values():
             assert job is not None
             job.emit(Failed(message))
-            job.flush(force=True)
+            deliver([job], force=True)
