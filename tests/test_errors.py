@@ -108,3 +108,17 @@ def test_health(http):
     r = http.get("/")
     assert r.status_code == 200 and r.text == "corral is running"
     assert http.head("/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("stream", "yes"), ("max_tokens", True), ("n", "2"), ("temperature", "0.5"), ("seed", 1.5)],
+)
+def test_values_are_not_coerced(http, field, value):
+    err = error_of(http.post(CHAT, json={"model": MODEL, "messages": OK_MESSAGES, field: value}), 400)
+    assert err["param"] == field
+
+
+def test_num_ctx_beyond_the_training_context_is_400(http):
+    err = error_of(http.post(CHAT, json={"model": MODEL, "messages": OK_MESSAGES, "num_ctx": 10**9}), 400)
+    assert err["param"] == "num_ctx" and "8192" in err["message"]

@@ -28,8 +28,11 @@ class SamplingParams:
         return replace(self, seed=seed)
 
     def resolved_seed(self) -> int:
-        """A request without a seed still gets one, drawn here, so every chain is seeded explicitly."""
-        return (self.seed if self.seed is not None else secrets.randbits(32)) & 0xFFFFFFFF
+        """The 32-bit seed for llama.cpp; a request without a seed gets one drawn here.
+
+        Any integer maps into 0..2**32-2: 2**32-1 is llama.cpp's "pick a random seed" value.
+        """
+        return (self.seed if self.seed is not None else secrets.randbits(32)) % 0xFFFFFFFF
 
 
 def build_chain(params: SamplingParams, n_vocab: int, n_ctx: int) -> ctypes.c_void_p:
@@ -46,7 +49,7 @@ def build_chain(params: SamplingParams, n_vocab: int, n_ctx: int) -> ctypes.c_vo
         params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
     )
     if penalised and params.repeat_last_n != 0:
-        last_n = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+        last_n = n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, n_ctx)
         add(
             ll.llama_sampler_init_penalties(
                 n_vocab,
@@ -56,7 +59,7 @@ def build_chain(params: SamplingParams, n_vocab: int, n_ctx: int) -> ctypes.c_vo
     if params.temperature <= 0.0:
         add(ll.llama_sampler_init_greedy())
         return chain
-    if params.top_k > 0:
+    if 0 < params.top_k < n_vocab:  # a top-k of the whole vocabulary or more keeps everything
         add(ll.llama_sampler_init_top_k(params.top_k))
     if params.top_p < 1.0:
         add(ll.llama_sampler_init_top_p(params.top_p, 1))

@@ -24,7 +24,9 @@ NOT_YET_SUPPORTED = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused, and values are not coerced (`"yes"` is not a boolean, `true` not a count)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- chat messages --------------------------------------------------------------------------------

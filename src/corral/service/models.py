@@ -89,9 +89,14 @@ class ModelManager:
             model = LlamaModel(self.store.blob_path(model_layer.digest))
         except ModelLoadError as exc:
             raise EngineFailure(f"model '{entry.name}' could not be loaded: {exc}") from None
-        wanted = num_ctx or int(params.get("num_ctx") or 0) or self.settings.context_length
-        if num_ctx is None:
-            wanted = min(wanted, model.n_ctx_train)
+        if num_ctx is not None and num_ctx > model.n_ctx_train:
+            model.close()
+            raise InvalidRequest(
+                f"num_ctx {num_ctx} is larger than the context model '{entry.name}' was trained with "
+                f"({model.n_ctx_train})",
+                param="num_ctx",
+            )
+        wanted = num_ctx or min(int(params.get("num_ctx") or 0) or self.settings.context_length, model.n_ctx_train)
         config = RunnerConfig(
             n_ctx_per_seq=wanted,
             n_parallel=self.settings.num_parallel,
