@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from types import ModuleType
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -52,29 +53,26 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:
+async def _generate(request: Request, body: ChatCompletionRequest | CompletionRequest, service: ModuleType):
+    """Both generation routes: validate, prepare (every input error happens here), then stream or wait."""
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+    log.info("%s model=%s user=%s stream=%s", service.__name__.rsplit(".", 1)[-1], body.model, body.user,
+             bool(body.stream))
+    prepared = await service.prepare(_manager(request), body)
+    if body.stream:
+        return sse_response(service.stream(prepared))
+    return await _unless_disconnected(request, service.complete(prepared))
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    _check_stream_options(body)
-    log.info("chat model=%s user=%s stream=%s", body.model, body.user, bool(body.stream))
-    prepared = await chat.prepare(_manager(request), body)
-    if body.stream:
-        return sse_response(chat.stream(prepared))
-    return await _unless_disconnected(request, chat.complete(prepared))
+    return await _generate(request, body, chat)
 
 
 @router.post("/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, request: Request):
-    _check_stream_options(body)
-    log.info("completion model=%s user=%s stream=%s", body.model, body.user, bool(body.stream))
-    prepared = await completions.prepare(_manager(request), body)
-    if body.stream:
-        return sse_response(completions.stream(prepared))
-    return await _unless_disconnected(request, completions.complete(prepared))
+    return await _generate(request, body, completions)
 
 
 @router.get("/models", response_model=ModelList)
