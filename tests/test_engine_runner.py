@@ -112,3 +112,24 @@ def test_stop_strings_end_generation(runner, vocab):
 def test_too_many_choices_is_refused(runner, vocab):
     with pytest.raises(ValueError):
         runner.submit(job(vocab, "x", n=3))
+
+
+def test_a_prefix_held_by_another_slot_is_copied_not_prefilled(runner, vocab):
+    text = "A shared system prompt that many requests start with, long enough to be worth copying. " * 3
+    busy = job(vocab, text + "First question?", max_tokens=200)
+    other = job(vocab, text + "Second question?", max_tokens=4)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        busy.loop = other.loop = loop
+        runner.submit(busy)
+        while not any(isinstance(e, Token) for e in await busy.next_events()):
+            pass
+        runner.submit(other)  # the first slot is busy: the second must copy its prefix
+        while not any(isinstance(e, Done) for e in await other.next_events()):
+            pass
+        busy.cancel()
+        return other.cached_tokens
+
+    shared = len(vocab.tokenize(text, False, False))
+    assert asyncio.run(scenario()) >= shared - 2

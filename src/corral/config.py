@@ -44,6 +44,7 @@ class Settings:
     context_length: int = 4096
     num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     batch_size: int = 512
+    stream_interval_ms: int = 50
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -58,4 +59,5 @@ class Settings:
             context_length=_int(env, "CORRAL_CONTEXT_LENGTH", 4096, minimum=16),
             num_threads=_int(env, "CORRAL_NUM_THREADS", os.cpu_count() or 1),
             batch_size=_int(env, "CORRAL_BATCH_SIZE", 512, minimum=8),
+            stream_interval_ms=_int(env, "CORRAL_STREAM_INTERVAL_MS", 50, minimum=0),
         )

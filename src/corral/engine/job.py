@@ -51,12 +51,6 @@ class Failed:
 Event = Token | Finished | Done | Failed
 
 
-# A streaming consumer is woken at most this often while tokens flow (the first token and every
-# finish wake it at once). Each wake-up costs the event loop a turn that competes with the decode
-# threads for the CPU; on a small machine that costs decode speed (see bench/throughput.py).
-WAKE_INTERVAL_S = 0.02
-
-
 @dataclass
 class GenerateJob:
     prompt: list[int]
@@ -85,12 +79,12 @@ class GenerateJob:
         """Called from the decode thread; the event is delivered at the next wake-up (see `deliver`)."""
         self._outbox.append(event)
 
-    def due(self, force: bool = False) -> bool:
+    def due(self, interval: float, force: bool = False) -> bool:
         """Called from the decode thread: whether the consumer should be woken now (and mark it so)."""
         if not self._outbox or self.loop is None:
             return False
         now = time.monotonic()
-        if not force and now - self._last_wake < WAKE_INTERVAL_S:
+        if not force and now - self._last_wake < interval:
             return False
         with self._lock:
             if self._wake_pending:
@@ -126,12 +120,20 @@ def _wake_all(jobs: list[GenerateJob]) -> None:
         job.wake()
 
 
-def deliver(jobs: Iterable[GenerateJob], force: bool = False) -> None:
-    """Wakes the consumers of every job that is due, with one event-loop call per loop, not per job."""
+def deliver(jobs: Iterable[GenerateJob], interval: float = 0.0, force: bool = False) -> None:
+    """Wakes the consumers of every job that is due, with one event-loop call per loop, not per job.
+
+    While tokens flow, a consumer is woken at most once per `interval` seconds; `force` (the first
+    token, a finish, a failure) wakes it at once. Each wake-up costs the event loop a turn and each
+    stream a socket write, which compete with the decode threads for the CPU on a small machine.
+    """
     by_loop: dict[asyncio.AbstractEventLoop, list[GenerateJob]] = {}
     for job in jobs:
-        if job.due(force):
+        if job.due(interval, force):
             assert job.loop is not None
             by_loop.setdefault(job.loop, []).append(job)
     for loop, due in by_loop.items():
-        loop.call_soon_threadsafe(_wake_all, due)
+        try:
+            loop.call_soon_threadsafe(_wake_all, due)
+        except RuntimeError:  # the loop is closed: nobody is left to read these events
+            pass

@@ -24,12 +24,17 @@ from .text import TextStream
 log = logging.getLogger("corral.engine")
 
 
+# Shared prompt tokens from which copying another slot's cache beats prefilling them again.
+MIN_PREFIX_COPY = 16
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     n_ctx_per_seq: int = 4096
     n_parallel: int = 4
     n_threads: int = 2
     n_batch: int = 512
+    stream_interval: float = 0.05  # seconds between deliveries of a flowing stream's tokens
 
 
 @dataclass
@@ -157,7 +162,7 @@ class Runner:
             except Exception as exc:  # keep serving: fail the running jobs, not the process
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {exc}")
-            deliver(running.values())
+            deliver(running.values(), self.config.stream_interval)
         for slot in self.slots:
             if slot.job is not None and slot.primary:
                 slot.job.emit(Failed("the model was unloaded"))
@@ -189,7 +194,6 @@ class Runner:
             self._start(job, free)
 
     def _start(self, job: GenerateJob, free: list[_Slot]) -> None:
-        # Prefix reuse: the free slot already holding the longest prefix of this prompt prefills it.
         def shared(slot: _Slot) -> int:
             n = 0
             for a, b in zip(slot.tokens, job.prompt):
@@ -198,9 +202,18 @@ class Runner:
                 n += 1
             return n
 
+        # Prefix reuse: the free slot already holding the longest prefix of this prompt prefills it ...
         free.sort(key=shared, reverse=True)
         primary, forks = free[0], free[1 : job.n]
         keep = min(shared(primary), len(job.prompt) - 1)
+        # ... or, when another slot (busy or idle) holds a clearly longer one, its cache is copied over.
+        # A copy moves a whole KV stream, so it pays only when it saves a real amount of prefill.
+        donor = max((s for s in self.slots if s is not primary), key=shared)
+        donated = min(shared(donor), len(job.prompt) - 1)
+        if donated >= keep + MIN_PREFIX_COPY:
+            ll.llama_memory_seq_cp(self.memory, donor.seq, primary.seq, -1, -1)
+            primary.tokens = list(donor.tokens)
+            keep = donated
         if not ll.llama_memory_seq_rm(self.memory, primary.seq, keep, -1):
             ll.llama_memory_seq_rm(self.memory, primary.seq, -1, -1)
             keep = 0

@@ -102,6 +102,7 @@ class ModelManager:
             n_parallel=self.settings.num_parallel,
             n_threads=self.settings.num_threads,
             n_batch=self.settings.batch_size,
+            stream_interval=self.settings.stream_interval_ms / 1000,
         )
         try:
             runner = Runner(model, config)
