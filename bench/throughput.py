@@ -5,7 +5,8 @@
 The ceiling is a tight `llama_decode` loop (one token per call, greedy sampling in C) on the same model
 and thread count, with no server. Then a corral server is started on a free port with a temporary store
 and driven over HTTP with streamed chat completions: single-stream decode rate, time to first token, and
-aggregate rate with 1, 4, 8 and 32 concurrent streams. End-of-generation tokens are banned through
+aggregate rate with 1, 4, 8 and 32 concurrent streams (each level's median over rounds, and its ratio
+to the 1-stream aggregate of the same round). End-of-generation tokens are banned through
 `logit_bias`, so every stream decodes exactly the requested number of tokens.
 """
 
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--concurrency", default="1,4,8,32")
     parser.add_argument("--rounds", type=int, default=5, help="alternating ceiling / HTTP single-stream rounds")
+    parser.add_argument("--agg-rounds", type=int, default=3, help="rounds over the concurrency levels")
     parser.add_argument("--defaults", action="store_true",
                         help="sample with corral's defaults (repeat_penalty 1.1, top-k/top-p) instead of greedy")
     args = parser.parse_args()
@@ -184,12 +186,18 @@ def main() -> None:
             ratio = statistics.median(r.decode_rate / c for r, c in zip(singles, ceilings))
             ttft = statistics.median(r.ttft for r in singles)
             ceil_b = {b: ceiling(model, args.threads, args.tokens // 2, b) for b in (4, 8)}
+            levels = [int(x) for x in args.concurrency.split(",")]
+            runs: dict[int, list[tuple[float, list[StreamResult]]]] = {n: [] for n in levels}
+            for _ in range(args.agg_rounds):  # rounds interleave the levels, for the same reason as above
+                for n in levels:
+                    runs[n].append(asyncio.run(concurrent(url, n, args.tokens, extra)))
             rows = []
-            for n in [int(x) for x in args.concurrency.split(",")]:
-                aggregate, results = asyncio.run(concurrent(url, n, args.tokens, extra))
-                errors = sum(1 for r in results if r.error)
+            for n in levels:
+                results = [r for _, rs in runs[n] for r in rs]
+                ratios = [agg / runs[1][i][0] for i, (agg, _) in enumerate(runs[n])] if 1 in runs else [0.0]
                 ok = [r.ttft for r in results if not r.error] or [float("nan")]
-                rows.append((n, aggregate, errors, statistics.median(ok)))
+                rows.append((n, statistics.median(a for a, _ in runs[n]), statistics.median(ratios),
+                             sum(1 for r in results if r.error), statistics.median(ok)))
         finally:
             proc.terminate()
             proc.wait()
@@ -205,9 +213,10 @@ def main() -> None:
     print(f"{'HTTP single-stream decode':<40}{single_rate:>10.1f}{ratio:>10.2f}  (median of per-round ratios)")
     print(f"{'HTTP time to first token':<40}{ttft * 1000:>9.1f}ms")
     print()
-    print(f"{'streams':>8}{'aggregate tok/s':>18}{'vs single':>12}{'median TTFT':>14}{'errors':>8}")
-    for n, aggregate, errors, median_ttft in rows:
-        print(f"{n:>8}{aggregate:>18.1f}{aggregate / single_rate:>12.2f}{median_ttft * 1000:>12.0f}ms{errors:>8}")
+    print("aggregate = all streams' tokens / wall time from the first request to the last [DONE]")
+    print(f"{'streams':>8}{'aggregate tok/s':>18}{'vs 1 stream':>13}{'median TTFT':>14}{'errors':>8}")
+    for n, aggregate, ratio, errors, median_ttft in rows:
+        print(f"{n:>8}{aggregate:>18.1f}{ratio:>13.2f}{median_ttft * 1000:>12.0f}ms{errors:>8}")
 
 
 if __name__ == "__main__":
