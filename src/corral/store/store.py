@@ -14,9 +14,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +29,10 @@ MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 PARAMS_MEDIA_TYPE = "application/vnd.ollama.image.params"
 TEMPLATE_MEDIA_TYPE = "application/vnd.ollama.image.template"
 SYSTEM_MEDIA_TYPE = "application/vnd.ollama.image.system"
+MESSAGES_MEDIA_TYPE = "application/vnd.ollama.image.messages"
+LICENSE_MEDIA_TYPE = "application/vnd.ollama.image.license"
+ADAPTER_MEDIA_TYPE = "application/vnd.ollama.image.adapter"
+PROJECTOR_MEDIA_TYPE = "application/vnd.ollama.image.projector"
 
 
 class Layer(BaseModel):
@@ -119,10 +124,59 @@ class Store:
         return self.manifests.joinpath(*name.parts)
 
     def write_manifest(self, name: Name, manifest: Manifest) -> None:
+        self.write_manifest_bytes(name, manifest.to_bytes())
+
+    def write_manifest_bytes(self, name: Name, data: bytes) -> None:
+        """Replaces the manifest of a name, keeping the on-disk casing of an existing one."""
         existing = self.find(name)
         target = existing.path if existing else self.manifest_path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._atomic_write(target, manifest.to_bytes())
+        self._atomic_write(target, data)
+
+    def referenced_blobs(self) -> set[str]:
+        """Digests of every config and layer that some manifest refers to.
+
+        An unreadable manifest raises: its blobs cannot be told apart from garbage.
+        """
+        digests: set[str] = set()
+        for path in self._manifest_files():
+            manifest = self._entry(path).manifest
+            digests.add(manifest.config.digest)
+            digests.update(layer.digest for layer in manifest.layers)
+        return digests
+
+    def remove_unreferenced_blobs(self, candidates: Iterable[str] | None = None) -> list[str]:
+        """Delete the blobs (only among `candidates`, when given) that no manifest refers to.
+
+        Partial downloads and temporary files are left alone. A pull that is still downloading has not
+        written its manifest yet, so a full sweep (no candidates) must not run beside one.
+        """
+        referenced = self.referenced_blobs()
+        if candidates is None:
+            candidates = ["sha256:" + p.name[7:] for p in self.blobs.glob("sha256-*") if len(p.name) == 71]
+        removed = []
+        for digest in candidates:
+            if digest in referenced:
+                continue
+            try:
+                self.blob_path(digest).unlink()
+            except (ValueError, FileNotFoundError):
+                continue
+            removed.append(digest)
+        return removed
+
+    def remove_stale_temp_files(self, older_than: float = 3600.0) -> int:
+        """Delete `.tmp-*` files left by writes that were killed, if older than `older_than` seconds."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in [*self.blobs.glob(".tmp-*"), *self.manifests.rglob(".tmp-*")]:
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def find(self, name: Name) -> Entry | None:
         """Look a name up case-insensitively; the returned entry carries the on-disk casing."""
