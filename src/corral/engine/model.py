@@ -33,11 +33,12 @@ class ModelLoadError(RuntimeError):
 class LlamaModel:
     """Owns a `llama_model`; tokenizes and detokenizes. Thread-safe for reads (llama.cpp's vocab is)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, use_mmap: bool = True) -> None:
         init_backend()
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = 0
+        params.use_mmap = use_mmap
         handle = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             raise ModelLoadError(f"llama.cpp could not load {self.path}")

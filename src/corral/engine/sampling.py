@@ -17,6 +17,7 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.9
     min_p: float = 0.0
+    typical_p: float = 1.0
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     frequency_penalty: float = 0.0
@@ -61,6 +62,8 @@ def build_chain(params: SamplingParams, n_vocab: int, n_ctx: int) -> ctypes.c_vo
         return chain
     if 0 < params.top_k < n_vocab:  # a top-k of the whole vocabulary or more keeps everything
         add(ll.llama_sampler_init_top_k(params.top_k))
+    if params.typical_p < 1.0:
+        add(ll.llama_sampler_init_typical(params.typical_p, 1))
     if params.top_p < 1.0:
         add(ll.llama_sampler_init_top_p(params.top_p, 1))
     if params.min_p > 0.0:

@@ -14,7 +14,7 @@ from ..config import Settings
 from ..service.models import ModelManager
 from ..store.bundled import import_bundled
 from ..store.store import Store
-from . import errors, openai_routes
+from . import errors, native_routes, openai_routes
 
 log = logging.getLogger("corral.server")
 
@@ -25,8 +25,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.models_dir)
-        for name in import_bundled(store):
-            log.info("bundled model ready: %s", name)
+        store.remove_stale_temp_files()  # left by writes that a crash interrupted
+        if settings.import_bundled:
+            for name in import_bundled(store):
+                log.info("bundled model ready: %s", name)
         app.state.manager = ModelManager(store, settings)
         yield
         await app.state.manager.close()
@@ -35,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(openai_routes.router)
+    app.include_router(native_routes.router)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse, include_in_schema=False)
     async def health() -> str:

@@ -50,9 +50,13 @@ def template_messages(request: ChatCompletionRequest, loaded: LoadedModel) -> li
         if message.name is not None:
             item["name"] = message.name
         out.append(item)
-    if loaded.system is not None and out[0]["role"] != "system":
-        out.insert(0, {"role": "system", "content": loaded.system})
-    return out
+    # The model's SYSTEM stands in for a missing system message; its MESSAGE turns follow the system
+    # message(s) and come before the conversation.
+    head = 0
+    while head < len(out) and out[head]["role"] == "system":
+        head += 1
+    system = out[:head] or ([{"role": "system", "content": loaded.system}] if loaded.system is not None else [])
+    return [*system, *loaded.messages, *out[head:]]
 
 
 def prompt_tokens(request: ChatCompletionRequest, loaded: LoadedModel) -> list[int]:

@@ -28,7 +28,7 @@ def new_id(prefix: str) -> str:
 def sampling_params(request: SamplingFields, loaded: LoadedModel) -> SamplingParams:
     values: dict[str, Any] = {}
     for name in _SAMPLING_FIELDS:
-        requested = getattr(request, name, None)
+        requested = getattr(request, name, None)  # typical_p exists only as a model PARAMETER
         if requested is not None:
             values[name] = requested
         elif loaded.params.get(name) is not None:

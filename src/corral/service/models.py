@@ -18,7 +18,15 @@ from ..config import Settings
 from ..engine.model import LlamaModel, ModelLoadError
 from ..engine.runner import Runner, RunnerConfig
 from ..store.names import InvalidName, Name
-from ..store.store import MODEL_MEDIA_TYPE, PARAMS_MEDIA_TYPE, SYSTEM_MEDIA_TYPE, TEMPLATE_MEDIA_TYPE, Entry, Store
+from ..store.store import (
+    MESSAGES_MEDIA_TYPE,
+    MODEL_MEDIA_TYPE,
+    PARAMS_MEDIA_TYPE,
+    SYSTEM_MEDIA_TYPE,
+    TEMPLATE_MEDIA_TYPE,
+    Entry,
+    Store,
+)
 from .errors import EngineFailure, InvalidRequest, ModelNotFound
 from .templates import ChatTemplate, TemplateRenderError
 
@@ -34,6 +42,7 @@ class LoadedModel:
     n_ctx: int  # context per sequence the engine was built with
     params: dict[str, Any] = field(default_factory=dict)  # the model's PARAMETERs (Ollama option names)
     system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)  # the model's MESSAGE turns
     fingerprint: str = ""
 
     def close(self) -> None:
@@ -86,7 +95,7 @@ class ModelManager:
             raise EngineFailure(f"model '{entry.name}' has no weights layer")
         params = self._json_layer(entry, PARAMS_MEDIA_TYPE) or {}
         try:
-            model = LlamaModel(self.store.blob_path(model_layer.digest))
+            model = LlamaModel(self.store.blob_path(model_layer.digest), use_mmap=params.get("use_mmap", True))
         except ModelLoadError as exc:
             raise EngineFailure(f"model '{entry.name}' could not be loaded: {exc}") from None
         if num_ctx is not None and num_ctx > model.n_ctx_train:
@@ -100,8 +109,8 @@ class ModelManager:
         config = RunnerConfig(
             n_ctx_per_seq=wanted,
             n_parallel=self.settings.num_parallel,
-            n_threads=self.settings.num_threads,
-            n_batch=self.settings.batch_size,
+            n_threads=int(params.get("num_thread") or self.settings.num_threads),
+            n_batch=int(params.get("num_batch") or self.settings.batch_size),
             stream_interval=self.settings.stream_interval_ms / 1000,
         )
         try:
@@ -132,6 +141,7 @@ class ModelManager:
             n_ctx=wanted,
             params=params,
             system=self.store.read_blob(system_layer.digest).decode() if system_layer else None,
+            messages=self._json_layer(entry, MESSAGES_MEDIA_TYPE) or [],
             fingerprint=fingerprint,
         )
 

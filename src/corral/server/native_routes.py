@@ -1,0 +1,107 @@
+"""Ollama's native /api routes for model management, in Ollama's shapes (`{"error": "..."}` on failure)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..protocol.native import (
+    CopyRequest,
+    CreateRequest,
+    ModelRequest,
+    ShowResponse,
+    StatusResponse,
+    TagsResponse,
+    TransferRequest,
+    VersionResponse,
+)
+from ..service import manage, transfer
+from ..service.errors import ServiceError
+from ..service.models import ModelManager
+
+router = APIRouter(prefix="/api")
+
+
+def _manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+async def _progress(statuses: AsyncIterator[StatusResponse], stream: bool | None) -> Response:
+    """NDJSON progress when streaming (Ollama's default), else the final status as one JSON object.
+
+    The first status is awaited before the response starts, so input errors keep their status code;
+    a failure after that is the stream's last line, `{"error": "..."}`, as Ollama sends it.
+    """
+    first = await anext(statuses)
+    if not stream:
+        last = first
+        async for last in statuses:
+            pass
+        return JSONResponse(last.model_dump(exclude_none=True))
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield first.model_dump_json(exclude_none=True).encode() + b"\n"
+        try:
+            async for status in statuses:
+                yield status.model_dump_json(exclude_none=True).encode() + b"\n"
+        except ServiceError as exc:
+            yield json.dumps({"error": exc.message}).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version() -> VersionResponse:
+    return manage.version()
+
+
+@router.get("/tags", response_model=TagsResponse)
+async def tags(request: Request) -> TagsResponse:
+    return manage.list_tags(_manager(request))
+
+
+@router.post("/show", response_model=ShowResponse)
+async def show(body: ModelRequest, request: Request) -> ShowResponse:
+    return await asyncio.to_thread(manage.show, _manager(request), body.target())
+
+
+@router.post("/copy")
+async def copy(body: CopyRequest, request: Request) -> Response:
+    manage.copy(_manager(request), body.source, body.destination)
+    return Response(status_code=200)
+
+
+@router.delete("/delete")
+async def delete(body: ModelRequest, request: Request) -> Response:
+    manage.delete(_manager(request), body.target())
+    return Response(status_code=200)
+
+
+@router.post("/create")
+async def create(body: CreateRequest, request: Request) -> Response:
+    return await _progress(manage.create(_manager(request), body), body.stream)
+
+
+@router.post("/pull")
+async def pull(body: TransferRequest, request: Request) -> Response:
+    return await _progress(transfer.pull(_manager(request), body), body.stream)
+
+
+@router.post("/push")
+async def push(body: TransferRequest, request: Request) -> Response:
+    return await _progress(transfer.push(_manager(request), body), body.stream)
+
+
+@router.head("/blobs/{digest}")
+async def blob_exists(digest: str, request: Request) -> Response:
+    return Response(status_code=200 if manage.has_blob(_manager(request), digest) else 404)
+
+
+@router.post("/blobs/{digest}", status_code=201)
+async def blob_upload(digest: str, request: Request) -> Response:
+    await manage.put_blob(_manager(request), digest, request.stream())
+    return Response(status_code=201)
