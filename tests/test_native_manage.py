@@ -247,3 +247,26 @@ def test_create_streams_ollama_statuses(api):
 
 def test_version(api):
     assert api.get("/api/version").json()["version"]
+
+
+def test_a_second_from_adds_a_projector_and_the_vision_capability(srv, api, gguf_path, tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "mmproj.gguf"), "clip")
+    writer.add_tensor("v.patch_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tmp_path / "Modelfile").write_text(f"FROM {gguf_path}\nFROM ./mmproj.gguf\n")
+    corral(srv, "create", "seeing", "-f", str(tmp_path / "Modelfile"))
+    info = api.post("/api/show", json={"model": "seeing"}).json()
+    assert "vision" in info["capabilities"]
+    assert info["modelfile"].count("FROM ") == 2
+    (tmp_path / "Backwards").write_text(f"FROM ./mmproj.gguf\nFROM {gguf_path}\n")
+    out = corral(srv, "create", "backwards", "-f", str(tmp_path / "Backwards"), check=False)
+    assert out.returncode == 1 and "projector" in out.stderr
+    (tmp_path / "NotProjector").write_text(f"FROM {gguf_path}\nFROM {gguf_path}\n")
+    out = corral(srv, "create", "twice", "-f", str(tmp_path / "NotProjector"), check=False)
+    assert out.returncode == 1 and "not a vision projector" in out.stderr

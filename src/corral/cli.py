@@ -139,7 +139,8 @@ def create(client: Client, name: str, modelfile_path: Path) -> None:
             raise CLIError(f"{value}: FROM a folder (safetensors) is not supported yet; FROM a GGUF file or a model")
         else:
             print(f"copying file {path.name}")
-            files[path.name] = _upload(client, path)
+            key = path.name if path.name not in files else f"{path.name}#{i}"  # order matters, not the key
+            files[key] = _upload(client, path)
     if files:
         if "from" in body:
             raise CLIError(f"{modelfile_path}: FROM a model name cannot be followed by a projector file")

@@ -113,6 +113,13 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
 
+    def load_adapter(self, path: Path) -> ctypes.c_void_p:
+        """A LoRA adapter for this model; it is freed with the model."""
+        adapter = ll.llama_adapter_lora_init(self.handle, str(path).encode())
+        if not adapter:
+            raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}")
+        return adapter
+
     def close(self) -> None:
         if self.handle:
             ll.llama_model_free(self.handle)

@@ -96,7 +96,7 @@ class _Batch:
 class Runner:
     """Owns one loaded model's context. `submit` is safe from any thread; all llama calls stay on one thread."""
 
-    def __init__(self, model: LlamaModel, config: RunnerConfig) -> None:
+    def __init__(self, model: LlamaModel, config: RunnerConfig, adapters: list[ctypes.c_void_p] = ()) -> None:
         self.model = model
         self.config = config
         params = ll.llama_context_default_params()
@@ -114,6 +114,13 @@ class Runner:
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context for {model.path}")
         self.ctx = ctx
+        if adapters:  # LoRA adapters apply to every sequence of this context, at full scale
+            n = len(adapters)
+            rc = ll.llama_set_adapters_lora(ctx, (ll.llama_adapter_lora_p_ctypes * n)(*adapters), n,
+                                            (ctypes.c_float * n)(*[1.0] * n))
+            if rc != 0:
+                ll.llama_free(ctx)
+                raise RuntimeError(f"llama.cpp refused the LoRA adapters for {model.path} ({rc})")
         self.memory = ll.llama_get_memory(ctx)
         self.slots = [_Slot(seq=i) for i in range(config.n_parallel)]
         self._batch = _Batch(config.n_batch)

@@ -39,8 +39,10 @@ def template_messages(request: ChatCompletionRequest, loaded: LoadedModel) -> li
     out: list[dict[str, Any]] = []
     for i, message in enumerate(request.messages):
         if message.has_images():
+            reason = ("image input is not served by this corral release yet" if loaded.has_projector
+                      else "it has no vision projector")
             raise InvalidRequest(
-                f"model '{request.model}' does not support images (messages[{i}] has an image_url part)",
+                f"model '{request.model}' does not support images: {reason} (messages[{i}] has an image_url part)",
                 param=f"messages[{i}].content",
             )
         item: dict[str, Any] = {

@@ -19,9 +19,11 @@ from ..engine.model import LlamaModel, ModelLoadError
 from ..engine.runner import Runner, RunnerConfig
 from ..store.names import InvalidName, Name
 from ..store.store import (
+    ADAPTER_MEDIA_TYPE,
     MESSAGES_MEDIA_TYPE,
     MODEL_MEDIA_TYPE,
     PARAMS_MEDIA_TYPE,
+    PROJECTOR_MEDIA_TYPE,
     SYSTEM_MEDIA_TYPE,
     TEMPLATE_MEDIA_TYPE,
     Entry,
@@ -43,6 +45,7 @@ class LoadedModel:
     params: dict[str, Any] = field(default_factory=dict)  # the model's PARAMETERs (Ollama option names)
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)  # the model's MESSAGE turns
+    has_projector: bool = False
     fingerprint: str = ""
 
     def close(self) -> None:
@@ -114,7 +117,9 @@ class ModelManager:
             stream_interval=self.settings.stream_interval_ms / 1000,
         )
         try:
-            runner = Runner(model, config)
+            adapters = [model.load_adapter(self.store.blob_path(layer.digest))
+                        for layer in manifest.layers if layer.media_type == ADAPTER_MEDIA_TYPE]
+            runner = Runner(model, config, adapters)
         except Exception as exc:
             model.close()
             raise EngineFailure(f"model '{entry.name}' could not start: {exc}") from None
@@ -142,6 +147,7 @@ class ModelManager:
             params=params,
             system=self.store.read_blob(system_layer.digest).decode() if system_layer else None,
             messages=self._json_layer(entry, MESSAGES_MEDIA_TYPE) or [],
+            has_projector=manifest.layer(PROJECTOR_MEDIA_TYPE) is not None,
             fingerprint=fingerprint,
         )
 
