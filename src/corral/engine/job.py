@@ -18,12 +18,23 @@ from .sampling import SamplingParams
 
 @dataclass(frozen=True)
 class Token:
-    """Text released for one choice; `text` may be empty while a stop string or UTF-8 is pending."""
+    """Text released for one choice; `text` may be empty while a stop string or UTF-8 is pending.
+
+    `logprob` and `top` (the most likely alternatives, best first) are set when the job asks for them.
+    """
 
     index: int
     text: str
     token: int
     logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of the prompt's tokens (the first has none), for completions' `echo`."""
+
+    entries: tuple[tuple[int, float | None, tuple[tuple[int, float], ...]], ...]  # (token, logprob, top)
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ class Failed:
     message: str
 
 
-Event = Token | Finished | Done | Failed
+Event = Token | PromptLogprobs | Finished | Done | Failed
 
 
 @dataclass
@@ -58,7 +69,9 @@ class GenerateJob:
     max_tokens: int  # per choice, already bounded by the context
     n_ctx: int  # the context limit for each sequence of this job
     stop: list[str] = field(default_factory=list)
-    want_logprobs: bool = False
+    want_logprobs: bool = False  # the sampled token's log-probability (and their sum per choice)
+    top_logprobs: int = 0  # with want_logprobs: how many alternatives to report per token
+    prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens too (disables prefix reuse)
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the runner when the job is admitted.

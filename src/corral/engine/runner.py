@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from .job import Done, Failed, Finished, GenerateJob, Token, deliver
+from .job import Done, Failed, Finished, GenerateJob, PromptLogprobs, Token, deliver
 from .model import LlamaModel
 from .sampling import build_chain, free_chain
 from .text import TextStream
@@ -76,12 +76,12 @@ class _Batch:
     def clear(self) -> None:
         self.n = 0
 
-    def add(self, tokens: list[int], start_pos: int, seq: int, want_last: bool) -> int:
+    def add(self, tokens: list[int], start_pos: int, seq: int, want_last: bool, want_all: bool = False) -> int:
         """Appends tokens of one sequence; returns the batch index of the last one."""
         i, k = self.n, len(tokens)
         self.token[i : i + k] = tokens
         self.pos[i : i + k] = np.arange(start_pos, start_pos + k)
-        self.logits[i : i + k] = 0
+        self.logits[i : i + k] = 1 if want_all else 0
         for j in range(i, i + k):
             self._seq_ptrs[j][0] = seq
         if want_last:
@@ -213,11 +213,13 @@ class Runner:
         free.sort(key=shared, reverse=True)
         primary, forks = free[0], free[1 : job.n]
         keep = min(shared(primary), len(job.prompt) - 1)
+        if job.prompt_logprobs:  # every prompt token must pass through the model to get its logits
+            keep = 0
         # ... or, when another slot (busy or idle) holds a clearly longer one, its cache is copied over.
         # A copy moves a whole KV stream, so it pays only when it saves a real amount of prefill.
         donor = max((s for s in self.slots if s is not primary), key=shared)
         donated = min(shared(donor), len(job.prompt) - 1)
-        if donated >= keep + MIN_PREFIX_COPY:
+        if donated >= keep + MIN_PREFIX_COPY and not job.prompt_logprobs:
             ll.llama_memory_seq_cp(self.memory, donor.seq, primary.seq, -1, -1)
             primary.tokens = list(donor.tokens)
             keep = donated
@@ -246,7 +248,7 @@ class Runner:
             if slot.decoding:
                 idx = batch.add([slot.next_token], len(slot.tokens), slot.seq, True)
                 outputs.append((slot, idx))
-        prefills: list[tuple[_Slot, list[int]]] = []
+        prefills: list[tuple[_Slot, list[int], int]] = []
         for slot in self.slots:
             room = batch.capacity - batch.n
             if room <= 0:
@@ -255,8 +257,8 @@ class Runner:
                 assert slot.job is not None
                 chunk = slot.job.prompt[len(slot.tokens) : len(slot.tokens) + room]
                 last = len(slot.tokens) + len(chunk) == len(slot.job.prompt)
-                idx = batch.add(chunk, len(slot.tokens), slot.seq, last)
-                prefills.append((slot, chunk))
+                idx = batch.add(chunk, len(slot.tokens), slot.seq, last, slot.job.prompt_logprobs)
+                prefills.append((slot, chunk, idx - len(chunk) + 1))
                 if last:
                     outputs.append((slot, idx))
         if batch.n == 0:
@@ -267,7 +269,9 @@ class Runner:
             if rc == 1 and self._evict_idle():
                 return  # cache cells were freed; the same work is rebuilt next step
             raise RuntimeError(f"llama_decode returned {rc}")
-        for slot, chunk in prefills:
+        for slot, chunk, first in prefills:
+            if slot.job is not None and slot.job.prompt_logprobs:
+                self._prompt_logprobs(slot, chunk, first)
             slot.tokens.extend(chunk)
         for slot, idx in outputs:
             if slot.job is None:
@@ -286,14 +290,14 @@ class Runner:
         job = slot.job
         assert job is not None and slot.text is not None
         token = ll.llama_sampler_sample(slot.chain, self.ctx, idx)
-        logprob = self._logprob(idx, token) if job.want_logprobs else None
+        logprob, top = self._logprobs(idx, token, job.top_logprobs) if job.want_logprobs else (None, ())
         if self.model.is_eog(token):
             return self._finish(slot, "stop")
         slot.generated += 1
         if logprob is not None:
             slot.logprob_sum += logprob
         text, stopped = slot.text.feed(self.model.token_bytes(token))
-        job.emit(Token(slot.choice, text, token, logprob))
+        job.emit(Token(slot.choice, text, token, logprob, top))
         if slot.generated == 1:
             deliver([job], force=True)  # the first token goes out at once: time to first token is not delayed
         if stopped:
@@ -302,12 +306,32 @@ class Runner:
             return self._finish(slot, "length")
         slot.next_token = token
 
-    def _logprob(self, idx: int, token: int) -> float:
-        """Log-probability under the model's raw distribution (log-softmax of the logits)."""
+    def _logprobs(self, idx: int, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """Log-probability under the model's raw distribution (log-softmax of the logits, before any
+        sampler), and the k most likely tokens, best first."""
         ptr = ll.llama_get_logits_ith(self.ctx, idx)
         logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float64)
-        top = logits.max()
-        return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
+        top_logit = logits.max()
+        norm = top_logit + np.log(np.exp(logits - top_logit).sum())
+        if k <= 0:
+            return float(logits[token] - norm), ()
+        best = np.argpartition(logits, -k)[-k:]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        return float(logits[token] - norm), tuple((int(t), float(logits[t] - norm)) for t in best)
+
+    def _prompt_logprobs(self, slot: _Slot, chunk: list[int], first: int) -> None:
+        """Each prompt token's log-probability given the tokens before it, from this chunk's logits."""
+        job = slot.job
+        assert job is not None
+        start = len(slot.tokens)
+        entries = [(job.prompt[0], None, ())] if start == 0 else []
+        for j in range(len(chunk)):
+            nxt = start + j + 1
+            if nxt >= len(job.prompt):
+                break
+            lp, top = self._logprobs(first + j, job.prompt[nxt], job.top_logprobs)
+            entries.append((job.prompt[nxt], lp, top))
+        job.emit(PromptLogprobs(tuple(entries)))
 
     def _finish(self, slot: _Slot, reason: str) -> None:
         job = slot.job

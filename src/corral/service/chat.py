@@ -30,6 +30,7 @@ from .generation import (
     new_id,
     sampling_params,
 )
+from .logprobs import Aligner, Entry, chat_logprobs
 from .models import LoadedModel, ModelManager
 from .templates import TemplateRenderError
 
@@ -95,6 +96,8 @@ class PreparedChat:
 
 async def prepare(manager: ModelManager, request: ChatCompletionRequest) -> PreparedChat:
     """Everything that can fail on bad input happens here, before a response (or stream) starts."""
+    if request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     loaded = await manager.get(request.model, request.num_ctx)
     n = request.n or 1
     check_choices(n, loaded)
@@ -108,19 +111,28 @@ async def prepare(manager: ModelManager, request: ChatCompletionRequest) -> Prep
         max_tokens=budget(len(tokens), n_ctx, requested, loaded),
         n_ctx=n_ctx,
         stop=stop,
+        want_logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0,
     )
     return PreparedChat(request, loaded, job, new_id("chatcmpl"), int(time.time()))
 
 
 async def complete(chat: PreparedChat) -> ChatCompletion:
-    outcomes, done = await collect(chat.job, chat.loaded)
+    collected = await collect(chat.job, chat.loaded)
+    outcomes, done = collected.outcomes, collected.done
+    model = chat.loaded.model
     return ChatCompletion(
         id=chat.id,
         created=chat.created,
         model=chat.request.model,
         system_fingerprint=chat.loaded.fingerprint,
         choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=o.text),
+                finish_reason=o.finish_reason,
+                logprobs=chat_logprobs(model, o.entries) if chat.job.want_logprobs else None,
+            )
             for i, o in enumerate(outcomes)
         ],
         usage=chat.usage(done, sum(o.completion_tokens for o in outcomes)),
@@ -143,8 +155,12 @@ async def stream(chat: PreparedChat) -> AsyncIterator[list[ChatCompletionChunk]]
             usage=usage,
         )
 
-    def content(index: int, text: str) -> ChatCompletionChunk:
-        return chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+    want = chat.job.want_logprobs
+    aligners = [Aligner(chat.loaded.model) for _ in range(chat.job.n)]
+
+    def content(index: int, text: str, entries: list[Entry]) -> ChatCompletionChunk:
+        logprobs = chat_logprobs(chat.loaded.model, entries) if want else None
+        return chunk([ChunkChoice(index=index, delta=Delta(content=text), logprobs=logprobs)])
 
     yield [chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))]) for i in range(chat.job.n)]
     completion_tokens = 0
@@ -152,12 +168,14 @@ async def stream(chat: PreparedChat) -> AsyncIterator[list[ChatCompletionChunk]]
         out: list[ChatCompletionChunk] = []
         for event in batch:
             if isinstance(event, Token):
+                entries = aligners[event.index].on_token(event) if want else []
                 if event.text:
-                    out.append(content(event.index, event.text))
+                    out.append(content(event.index, event.text, entries))
             elif isinstance(event, Finished):
                 completion_tokens += event.completion_tokens
+                entries = aligners[event.index].release(event.text) if want else []
                 if event.text:
-                    out.append(content(event.index, event.text))
+                    out.append(content(event.index, event.text, entries))
                 out.append(chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.reason)]))
             elif isinstance(event, Done):
                 options = chat.request.stream_options

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..engine.job import Done, Event, Finished, GenerateJob, Token
+from ..engine.job import Done, Event, Finished, GenerateJob, PromptLogprobs, Token
 from ..protocol.openai import (
     Completion,
     CompletionChoice,
@@ -27,6 +27,7 @@ from .generation import (
     new_id,
     sampling_params,
 )
+from .logprobs import Aligner, Entry, legacy_logprobs
 from .models import LoadedModel, ModelManager
 
 # OpenAI's documented default for /v1/completions when neither the request nor the model sets one.
@@ -113,7 +114,9 @@ async def prepare(manager: ModelManager, request: CompletionRequest) -> Prepared
             max_tokens=budget(len(tokens), n_ctx, request.max_tokens, loaded, DEFAULT_MAX_TOKENS),
             n_ctx=n_ctx,
             stop=stop,
-            want_logprobs=best_of > n,
+            want_logprobs=best_of > n or request.logprobs is not None,
+            top_logprobs=request.logprobs or 0,
+            prompt_logprobs=bool(request.echo) and request.logprobs is not None,
         )
         text = prompt if isinstance(prompt, str) else loaded.model.detokenize(prompt)
         prompts.append(PromptJob(text, job))
@@ -140,29 +143,37 @@ def _usage(dones: list[Done], completion_tokens: int) -> Usage:
 
 async def complete(prep: PreparedCompletion) -> Completion:
     results = await asyncio.gather(*(collect(p.job, prep.loaded) for p in prep.prompts))
-    choices, dones, generated = [], [], 0
-    for p_index, (prompt, (outcomes, done)) in enumerate(zip(prep.prompts, results)):
-        dones.append(done)
-        generated += sum(o.completion_tokens for o in outcomes)
-        picked = _best(outcomes, prep.n) if prep.best_of > prep.n else outcomes
+    model, echo, want = prep.loaded.model, bool(prep.request.echo), prep.request.logprobs is not None
+    choices, generated = [], 0
+    for p_index, (prompt, collected) in enumerate(zip(prep.prompts, results)):
+        generated += sum(o.completion_tokens for o in collected.outcomes)
+        picked = _best(collected.outcomes, prep.n) if prep.best_of > prep.n else collected.outcomes
         for c_index, outcome in enumerate(picked):
-            text = prompt.text + outcome.text if prep.request.echo else outcome.text
-            choices.append(
-                CompletionChoice(index=p_index * prep.n + c_index, text=text, finish_reason=outcome.finish_reason)
-            )
+            entries = (collected.prompt_entries if echo else []) + outcome.entries
+            choices.append(CompletionChoice(
+                index=p_index * prep.n + c_index,
+                text=prompt.text + outcome.text if echo else outcome.text,
+                finish_reason=outcome.finish_reason,
+                logprobs=legacy_logprobs(model, entries) if want else None,
+            ))
     return Completion(
         id=prep.id,
         created=prep.created,
         model=prep.request.model,
         system_fingerprint=prep.loaded.fingerprint,
         choices=choices,
-        usage=_usage(dones, generated),
+        usage=_usage([c.done for c in results], generated),
     )
 
 
 async def stream(prep: PreparedCompletion) -> AsyncIterator[list[Completion]]:
-    """Chunks of every prompt's choices, interleaved as they are produced; usage last when asked for."""
+    """Chunks of every prompt's choices, interleaved as they are produced; usage last when asked for.
+
+    With `echo`, each choice starts with the prompt's text (and, with `logprobs`, the prompt's entries,
+    which is why that first chunk waits until the prompt has been evaluated).
+    """
     merged: asyncio.Queue[tuple[int, list[Event] | Exception]] = asyncio.Queue()
+    model, echo, want = prep.loaded.model, bool(prep.request.echo), prep.request.logprobs is not None
 
     async def pump(p_index: int, job: GenerateJob) -> None:
         try:
@@ -171,32 +182,47 @@ async def stream(prep: PreparedCompletion) -> AsyncIterator[list[Completion]]:
         except Exception as exc:  # re-raised in the consumer, which owns the response
             await merged.put((p_index, exc))
 
-    def chunk(index: int, text: str, finish: str | None = None) -> Completion:
+    offsets = [0] * (len(prep.prompts) * prep.n)  # characters sent so far per choice, for text_offset
+
+    def chunk(index: int, text: str, finish: str | None = None, entries: list[Entry] | None = None) -> Completion:
+        logprobs = legacy_logprobs(model, entries or [], offsets[index]) if want else None
+        offsets[index] += len(text)
         return Completion(
             id=prep.id,
             created=prep.created,
             model=prep.request.model,
             system_fingerprint=prep.loaded.fingerprint,
-            choices=[CompletionChoice(index=index, text=text, finish_reason=finish)],
+            choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)],
         )
 
+    aligners = [[Aligner(model) for _ in range(p.job.n)] for p in prep.prompts]
+    prompt_entries: list[list[Entry]] = [[] for _ in prep.prompts]
+    echoed = [not echo] * len(prep.prompts)
     tasks = [asyncio.create_task(pump(i, p.job)) for i, p in enumerate(prep.prompts)]
     dones: list[Done] = []
     generated = 0
     try:
-        if prep.request.echo:
-            yield [chunk(p * prep.n + c, prompt.text) for p, prompt in enumerate(prep.prompts) for c in range(prep.n)]
         while len(dones) < len(tasks):
             p_index, batch = await merged.get()
             if isinstance(batch, Exception):
                 raise batch
             out = []
             for event in batch:
-                if isinstance(event, Token) and event.text:
-                    out.append(chunk(p_index * prep.n + event.index, event.text))
+                if isinstance(event, PromptLogprobs):
+                    prompt_entries[p_index] += [Entry(t, model.token_bytes(t), lp, top) for t, lp, top in event.entries]
+                    continue
+                if not echoed[p_index]:
+                    echoed[p_index] = True
+                    text = prep.prompts[p_index].text
+                    out += [chunk(p_index * prep.n + c, text, entries=prompt_entries[p_index]) for c in range(prep.n)]
+                if isinstance(event, Token):
+                    entries = aligners[p_index][event.index].on_token(event) if want else []
+                    if event.text:
+                        out.append(chunk(p_index * prep.n + event.index, event.text, entries=entries))
                 elif isinstance(event, Finished):
                     generated += event.completion_tokens
-                    out.append(chunk(p_index * prep.n + event.index, event.text, event.reason))
+                    entries = aligners[p_index][event.index].release(event.text) if want else []
+                    out.append(chunk(p_index * prep.n + event.index, event.text, event.reason, entries))
                 elif isinstance(event, Done):
                     dones.append(event)
             if out:

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..engine.job import Done, Event, Failed, Finished, GenerateJob, Token
+from ..engine.job import Done, Event, Failed, Finished, GenerateJob, PromptLogprobs, Token
 from ..engine.sampling import SamplingParams
 from ..protocol.openai import SamplingFields
 from .errors import EngineFailure, InvalidRequest
+from .logprobs import Aligner, Entry
 from .models import LoadedModel
 
 # Request fields that map one to one onto SamplingParams (and onto Ollama's PARAMETER names).
@@ -104,6 +105,14 @@ class Outcome:
     finish_reason: str
     completion_tokens: int
     logprob_sum: float | None
+    entries: list[Entry]  # per-token log-probabilities, when the job asked for them
+
+
+@dataclass
+class Collected:
+    outcomes: list[Outcome]
+    done: Done
+    prompt_entries: list[Entry]  # the prompt's own log-probabilities, when asked for
 
 
 async def events(job: GenerateJob, loaded: LoadedModel) -> AsyncIterator[list[Event]]:
@@ -126,18 +135,27 @@ async def events(job: GenerateJob, loaded: LoadedModel) -> AsyncIterator[list[Ev
         job.cancel()
 
 
-async def collect(job: GenerateJob, loaded: LoadedModel) -> tuple[list[Outcome], Done]:
-    texts = [[] for _ in range(job.n)]
+async def collect(job: GenerateJob, loaded: LoadedModel) -> Collected:
+    texts: list[list[str]] = [[] for _ in range(job.n)]
+    aligners = [Aligner(loaded.model) for _ in range(job.n)]
+    entries: list[list[Entry]] = [[] for _ in range(job.n)]
     outcomes: list[Outcome | None] = [None] * job.n
+    prompt_entries: list[Entry] = []
     async for batch in events(job, loaded):
         for event in batch:
             if isinstance(event, Token):
                 texts[event.index].append(event.text)
+                if job.want_logprobs:
+                    entries[event.index] += aligners[event.index].on_token(event)
+            elif isinstance(event, PromptLogprobs):
+                prompt_entries += [Entry(t, loaded.model.token_bytes(t), lp, top) for t, lp, top in event.entries]
             elif isinstance(event, Finished):
-                texts[event.index].append(event.text)
-                outcomes[event.index] = Outcome(
-                    "".join(texts[event.index]), event.reason, event.completion_tokens, event.logprob_sum
-                )
+                i = event.index
+                texts[i].append(event.text)
+                if job.want_logprobs:
+                    entries[i] += aligners[i].release(event.text)
+                outcomes[i] = Outcome("".join(texts[i]), event.reason, event.completion_tokens, event.logprob_sum,
+                                      entries[i])
             elif isinstance(event, Done):
-                return [o for o in outcomes if o is not None], event
+                return Collected([o for o in outcomes if o is not None], event, prompt_entries)
     raise EngineFailure("the engine ended the job without finishing it")
