@@ -18,7 +18,7 @@ import numpy as np
 
 from .job import Done, Failed, Finished, GenerateJob, PromptLogprobs, Token, deliver
 from .model import LlamaModel
-from .sampling import build_chain, free_chain
+from .sampling import SequenceSampler
 from .text import TextStream
 
 log = logging.getLogger("corral.engine")
@@ -45,7 +45,7 @@ class _Slot:
     choice: int = 0
     primary: bool = False  # the slot that prefills for the whole job (its forks copy the cache)
     forks: list["_Slot"] = field(default_factory=list)
-    chain: ctypes.c_void_p | None = None
+    sampler: SequenceSampler | None = None
     text: TextStream | None = None
     next_token: int = -1  # sampled, not yet in the cache
     generated: int = 0
@@ -148,8 +148,9 @@ class Runner:
             self._wake.notify()
         self._thread.join()
         for slot in self.slots:
-            free_chain(slot.chain)
-            slot.chain = None
+            if slot.sampler is not None:
+                slot.sampler.free()
+            slot.sampler = None
         self._batch.free()
         ll.llama_free(self.ctx)
 
@@ -209,6 +210,12 @@ class Runner:
                 n += 1
             return n
 
+        try:  # a sampler that cannot be built fails this job alone, before it takes any slot
+            samplers = [SequenceSampler(p, self.model.n_vocab, job.n_ctx, self.model.vocab) for p in job.sampling]
+        except ValueError as exc:
+            job.emit(Failed(f"sampling could not start: {exc}"))
+            deliver([job], force=True)
+            return
         # Prefix reuse: the free slot already holding the longest prefix of this prompt prefills it ...
         free.sort(key=shared, reverse=True)
         primary, forks = free[0], free[1 : job.n]
@@ -234,7 +241,7 @@ class Runner:
             slot.choice = choice
             slot.primary = slot is primary
             slot.forks = forks if slot is primary else []
-            slot.chain = build_chain(job.sampling[choice], self.model.n_vocab, job.n_ctx)
+            slot.sampler = samplers[choice]
             slot.text = TextStream(job.stop)
             slot.next_token = -1
             slot.generated = 0
@@ -289,7 +296,7 @@ class Runner:
     def _sample(self, slot: _Slot, idx: int) -> None:
         job = slot.job
         assert job is not None and slot.text is not None
-        token = ll.llama_sampler_sample(slot.chain, self.ctx, idx)
+        token = slot.sampler.sample(self.ctx, idx)
         logprob, top = self._logprobs(idx, token, job.top_logprobs) if job.want_logprobs else (None, ())
         if self.model.is_eog(token):
             return self._finish(slot, "stop")
@@ -350,8 +357,9 @@ class Runner:
 
     def _release(self, slot: _Slot) -> None:
         """The slot keeps its cache (for prefix reuse) but no longer belongs to a job."""
-        free_chain(slot.chain)
-        slot.chain = None
+        if slot.sampler is not None:
+            slot.sampler.free()
+        slot.sampler = None
         slot.job = None
         slot.forks = []
         slot.text = None

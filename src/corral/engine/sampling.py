@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 
 import llama_cpp.llama_cpp as ll
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF with a `root` rule: only text it accepts can be sampled
 
     def with_seed(self, seed: int | None) -> "SamplingParams":
         return replace(self, seed=seed)
@@ -34,6 +36,10 @@ class SamplingParams:
         Any integer maps into 0..2**32-2: 2**32-1 is llama.cpp's "pick a random seed" value.
         """
         return (self.seed if self.seed is not None else secrets.randbits(32)) % 0xFFFFFFFF
+
+
+class GrammarError(ValueError):
+    """llama.cpp refused a grammar."""
 
 
 def build_chain(params: SamplingParams, n_vocab: int, n_ctx: int) -> ctypes.c_void_p:
@@ -54,7 +60,10 @@ def build_chain(params: SamplingParams, n_vocab: int, n_ctx: int) -> ctypes.c_vo
         add(
             ll.llama_sampler_init_penalties(
                 n_vocab,
-                last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                last_n,
+                params.repeat_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
             )
         )
     if params.temperature <= 0.0:
@@ -76,3 +85,64 @@ def build_chain(params: SamplingParams, n_vocab: int, n_ctx: int) -> ctypes.c_vo
 def free_chain(chain: ctypes.c_void_p | None) -> None:
     if chain:
         ll.llama_sampler_free(chain)
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
+class SequenceSampler:
+    """One sequence's sampling: its chain and, for structured output, its grammar.
+
+    A grammar check over the whole vocabulary costs more than decoding a small model's token, so the
+    grammar is applied the way llama.cpp's own server does it: sample with the chain first, check only
+    the chosen token against the grammar, and constrain the whole distribution only when it is refused.
+    The result is the same as constraining first; the common case costs one token check.
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int, n_ctx: int, vocab: ctypes.c_void_p) -> None:
+        self.n_vocab = n_vocab
+        self.chain = build_chain(params, n_vocab, n_ctx)
+        self.grammar = None
+        if params.grammar is not None:
+            self.grammar = ll.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if not self.grammar:
+                free_chain(self.chain)
+                raise GrammarError("llama.cpp could not parse the grammar")
+            self._cand = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+            self._one = np.zeros(1, dtype=_TOKEN_DATA)
+
+    def sample(self, ctx: ctypes.c_void_p, idx: int) -> int:
+        if self.grammar is None:
+            return ll.llama_sampler_sample(self.chain, ctx, idx)
+        logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        token = self._apply(logits, constrained=False)
+        one = self._view(self._one)
+        self._one[0] = (token, 1.0, 0.0)
+        ll.llama_sampler_apply(self.grammar, ctypes.byref(one))
+        if not np.isfinite(self._one[0]["logit"]):
+            token = self._apply(logits, constrained=True)
+        ll.llama_sampler_accept(self.grammar, token)
+        ll.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _apply(self, logits: np.ndarray, constrained: bool) -> int:
+        cand = self._cand
+        cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        array = self._view(cand)
+        if constrained:
+            ll.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        ll.llama_sampler_apply(self.chain, ctypes.byref(array))
+        return int(cand[array.selected]["id"])
+
+    @staticmethod
+    def _view(data: np.ndarray) -> ll.llama_token_data_array:
+        return ll.llama_token_data_array(
+            data=data.ctypes.data_as(ll.llama_token_data_p), size=len(data), selected=-1, sorted=False
+        )
+
+    def free(self) -> None:
+        free_chain(self.chain)
+        free_chain(self.grammar)
+        self.chain = self.grammar = None

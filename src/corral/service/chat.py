@@ -28,6 +28,7 @@ from .generation import (
     context_limit,
     events,
     new_id,
+    response_grammar,
     sampling_params,
 )
 from .logprobs import Aligner, Entry, chat_logprobs
@@ -107,7 +108,7 @@ async def prepare(manager: ModelManager, request: ChatCompletionRequest) -> Prep
     stop = request.stops() if request.stop is not None else list(loaded.params.get("stop") or [])
     job = GenerateJob(
         prompt=tokens,
-        sampling=choice_params(sampling_params(request, loaded), n),
+        sampling=choice_params(sampling_params(request, loaded, response_grammar(request.response_format)), n),
         max_tokens=budget(len(tokens), n_ctx, requested, loaded),
         n_ctx=n_ctx,
         stop=stop,

@@ -25,6 +25,7 @@ from .generation import (
     context_limit,
     events,
     new_id,
+    response_grammar,
     sampling_params,
 )
 from .logprobs import Aligner, Entry, legacy_logprobs
@@ -101,7 +102,7 @@ async def prepare(manager: ModelManager, request: CompletionRequest) -> Prepared
                              param="best_of")
     check_choices(best_of, loaded, "best_of" if request.best_of else "n")
     n_ctx = context_limit(request, loaded)
-    base = sampling_params(request, loaded)
+    base = sampling_params(request, loaded, response_grammar(request.response_format))
     stop = request.stops() if request.stop is not None else list(loaded.params.get("stop") or [])
     prompts = []
     for index, prompt in enumerate(_prompts(request)):

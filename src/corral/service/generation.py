@@ -13,21 +13,36 @@ from typing import Any
 
 from ..engine.job import Done, Event, Failed, Finished, GenerateJob, PromptLogprobs, Token
 from ..engine.sampling import SamplingParams
-from ..protocol.openai import SamplingFields
+from ..protocol.openai import ResponseFormat, SamplingFields
 from .errors import EngineFailure, InvalidRequest
+from .grammar import JSON_OBJECT_GRAMMAR, SchemaError, schema_to_grammar
 from .logprobs import Aligner, Entry
 from .models import LoadedModel
 
 # Request fields that map one to one onto SamplingParams (and onto Ollama's PARAMETER names).
-_SAMPLING_FIELDS = [f.name for f in fields(SamplingParams) if f.name != "logit_bias"]
+_SAMPLING_FIELDS = [f.name for f in fields(SamplingParams) if f.name not in ("logit_bias", "grammar")]
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def sampling_params(request: SamplingFields, loaded: LoadedModel) -> SamplingParams:
-    values: dict[str, Any] = {}
+def response_grammar(response_format: ResponseFormat | None) -> str | None:
+    """The grammar that enforces `response_format` while sampling; a schema it cannot enforce is a 400."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return JSON_OBJECT_GRAMMAR
+    assert response_format.json_schema is not None
+    try:
+        return schema_to_grammar(response_format.json_schema.schema_)
+    except SchemaError as exc:
+        raise InvalidRequest(str(exc),
+                             param="response_format.json_schema.schema") from None
+
+
+def sampling_params(request: SamplingFields, loaded: LoadedModel, grammar: str | None = None) -> SamplingParams:
+    values: dict[str, Any] = {"grammar": grammar}
     for name in _SAMPLING_FIELDS:
         requested = getattr(request, name, None)  # typical_p exists only as a model PARAMETER
         if requested is not None:
