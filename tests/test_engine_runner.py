@@ -133,3 +133,12 @@ def test_a_prefix_held_by_another_slot_is_copied_not_prefilled(runner, vocab):
 
     shared = len(vocab.tokenize(text, False, False))
     assert asyncio.run(scenario()) >= shared - 2
+
+
+def test_a_single_slot_runner_serves(vocab):
+    solo = Runner(vocab, RunnerConfig(n_ctx_per_seq=256, n_parallel=1, n_threads=2, n_batch=64))
+    try:
+        [(texts, finished, _)] = run(solo, [job(vocab, "Hello there", max_tokens=3)])
+        assert finished[0].completion_tokens == 3
+    finally:
+        solo.close()

@@ -25,9 +25,11 @@ from uuid import UUID
 import jsonschema
 import llama_cpp.llama_cpp as ll
 import pytest
+import rfc3339_validator  # noqa: F401  (jsonschema checks time and date-time only when it is installed)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
+from rfc3986_validator import validate_rfc3986
 
 from corral.service.grammar import JSON_OBJECT_GRAMMAR, SchemaError, schema_to_grammar
 
@@ -1138,6 +1140,37 @@ def test_pydantic_validates_whatever_the_grammar_accepts(data):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Regex corners against Python's re (with the documented reading), on a small alphabet.
+
+PATTERNS = [
+    "(a*)*b", "(a|)+$", "^(a?b?)*c", "^$", "", "^(?:ab|cd){2,3}$", "^[\\s\\S]{2}$", "\\D\\W\\S", "a.b",
+    "^[^ab]*$", "^a{2,}$", "^(a|b1)?_$", "[-a]", "^\\.\\*\\$", "é+", "^\\w+\\s\\d$", "a|",
+    "^([ab]{0,2}1){1,2}$", "[a-]$",
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@settings(max_examples=60, deadline=None, database=None)
+@given(data=st.data())
+def test_patterns_match_like_python_re(model, pattern, data):
+    grammar = schema_to_grammar({"type": "string", "pattern": pattern})
+    assert llama_parses(model, grammar)
+    regex = ecma_regex(pattern)
+    text = data.draw(st.text(alphabet="ab1 _.*$\n\té-\u2028", max_size=6) | st.from_regex(regex))
+    assert accepts(grammar, json.dumps(text, ensure_ascii=False)) == bool(re.search(regex, text)), text
+
+
+def test_pattern_length_narrowing():
+    grammar = schema_to_grammar({"type": "string", "pattern": "^[A-Z][a-z]*!$", "minLength": 4, "maxLength": 6})
+    assert accepts(grammar, '"Abc!"') and accepts(grammar, '"Abcde!"')
+    assert not accepts(grammar, '"Ab!"') and not accepts(grammar, '"Abcdef!"')
+    named = schema_to_grammar({"type": "string", "pattern": "^(?<name>a)b$"})  # ECMA-262 named group
+    assert accepts(named, '"ab"') and not accepts(named, '"b"')
+    with pytest.raises(SchemaError):  # nothing fits
+        schema_to_grammar({"type": "string", "pattern": "^[0-9]{3}x*$", "maxLength": 2})
+
+
+# ---------------------------------------------------------------------------------------------------
 # Number ranges against exact decimal arithmetic, with random bounds.
 
 _decimal_text = st.builds(
@@ -1256,8 +1289,6 @@ def test_email_grammar_only_accepts_addresses(text):
              max_size=8),
 ), st.none() | st.integers(1, 30))
 def test_uri_grammar_only_accepts_uris_within_bounds(text, longest):
-    from rfc3986_validator import validate_rfc3986
-
     schema = {"type": "string", "format": "uri", **({"maxLength": longest} if longest is not None else {})}
     try:
         grammar = schema_to_grammar(schema)

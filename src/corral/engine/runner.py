@@ -199,7 +199,15 @@ class Runner:
                 if len(free) < job.n:
                     return
                 self._pending.popleft()
-            self._start(job, free)
+            try:
+                self._start(job, free)
+            except Exception as exc:  # this job alone fails; it must not vanish without an answer
+                log.exception("could not start a job")
+                for slot in self.slots:
+                    if slot.job is job:
+                        self._release(slot)
+                job.emit(Failed(f"engine error: {exc}"))
+                deliver([job], force=True)
 
     def _start(self, job: GenerateJob, free: list[_Slot]) -> None:
         def shared(slot: _Slot) -> int:
@@ -224,9 +232,9 @@ class Runner:
             keep = 0
         # ... or, when another slot (busy or idle) holds a clearly longer one, its cache is copied over.
         # A copy moves a whole KV stream, so it pays only when it saves a real amount of prefill.
-        donor = max((s for s in self.slots if s is not primary), key=shared)
-        donated = min(shared(donor), len(job.prompt) - 1)
-        if donated >= keep + MIN_PREFIX_COPY and not job.prompt_logprobs:
+        donor = max((s for s in self.slots if s is not primary), key=shared, default=None)
+        donated = min(shared(donor), len(job.prompt) - 1) if donor is not None else 0
+        if donor is not None and donated >= keep + MIN_PREFIX_COPY and not job.prompt_logprobs:
             ll.llama_memory_seq_cp(self.memory, donor.seq, primary.seq, -1, -1)
             primary.tokens = list(donor.tokens)
             keep = donated

@@ -709,11 +709,12 @@ def _lengths(node: _Node) -> tuple[int, int | None]:
             return 0, 0
         return low * node[2], None if high is None or node[3] is None else high * node[3]
     spans = [_lengths(n) for n in node[1]]
+    lows = [low for low, _ in spans]
+    highs = [high for _, high in spans if high is not None]
+    unbounded = len(highs) < len(spans)
     if kind == "seq":
-        highs = [h for _, h in spans]
-        return sum(lo for lo, _ in spans), None if None in highs else sum(highs)  # type: ignore[arg-type]
-    highs = [h for _, h in spans]
-    return min(lo for lo, _ in spans), None if None in highs else max(highs)  # type: ignore[type-var]
+        return sum(lows), None if unbounded else sum(highs)
+    return min(lows, default=0), None if unbounded else max(highs, default=0)
 
 
 def _json_chars(ranges: Ranges) -> Expr:
@@ -776,7 +777,8 @@ def _flatten(node: _Node) -> list[_Node]:
 
 def _fit_lengths(node: _Node, min_len: int, max_len: int | None) -> _Node | None:
     """A fully anchored branch narrowed to min_len..max_len characters, when it is fixed-length parts
-    around one repeated character set (like ^[A-Z][a-z]*$). None when it has another shape."""
+    around one repeated character set (like ^[A-Z][a-z]*$); an empty set when nothing fits. None when
+    the branch has another shape."""
     items = _flatten(node)
     variable = [i for i, n in enumerate(items) if _lengths(n)[0] != _lengths(n)[1]]
     if len(variable) != 1:
@@ -786,9 +788,11 @@ def _fit_lengths(node: _Node, min_len: int, max_len: int | None) -> _Node | None
         return None
     fixed = sum(_lengths(n)[0] for i, n in enumerate(items) if i != variable[0])
     low = max(target[2], min_len - fixed)
-    high = target[3] if max_len is None else (max_len - fixed if target[3] is None else min(target[3], max_len - fixed))
+    high = target[3]
+    if max_len is not None:
+        high = max_len - fixed if high is None else min(high, max_len - fixed)
     if high is not None and high < max(low, 0):
-        return ("alt", [])
+        return ("set", ())
     items[variable[0]] = ("rep", target[1], max(low, 0), high)
     return ("seq", items)
 
