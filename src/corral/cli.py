@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -88,16 +87,10 @@ def _error_text(response: httpx.Response) -> str:
     return str(error or f"HTTP {response.status_code}")
 
 
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()
-
-
 def _upload(client: Client, path: Path) -> str:
-    digest = _sha256(path)
+    from .store.store import file_digest
+
+    digest = file_digest(path)
     exists = client.http.head(f"/api/blobs/{digest}")
     if exists.status_code != 200:
         def chunks() -> Iterator[bytes]:

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import httpx
 
 from .names import Name
-from .store import MANIFEST_MEDIA_TYPE, Layer, Manifest, Store
+from .store import MANIFEST_MEDIA_TYPE, Layer, Manifest, Store, file_digest
 
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 ProgressFn = Callable[[dict], Awaitable[None]] | None
@@ -367,11 +367,7 @@ class _Download:
 
 
 def _verify(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()
+    return file_digest(path)
 
 
 async def _emit(progress: ProgressFn, event: dict) -> None:

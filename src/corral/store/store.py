@@ -72,6 +72,15 @@ def _digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """The `sha256:<hex>` digest of a file, read in chunks (model files are large)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -99,11 +108,7 @@ class Store:
 
     def put_file(self, source: Path, media_type: str) -> Layer:
         """Copy a file in while hashing it; a blob already present is not copied again."""
-        hasher = hashlib.sha256()
-        with open(source, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                hasher.update(chunk)
-        digest = "sha256:" + hasher.hexdigest()
+        digest = file_digest(source)
         path = self.blob_path(digest)
         if not path.exists():
             fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
