@@ -325,14 +325,14 @@ class Runner:
         """Log-probability under the model's raw distribution (log-softmax of the logits, before any
         sampler), and the k most likely tokens, best first."""
         ptr = ll.llama_get_logits_ith(self.ctx, idx)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float64)
-        top_logit = logits.max()
-        norm = top_logit + np.log(np.exp(logits - top_logit).sum())
+        logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))  # float32, read in place
+        top_logit = float(logits.max())
+        norm = top_logit + float(np.log(np.exp(logits - top_logit).sum(dtype=np.float64)))
         if k <= 0:
-            return float(logits[token] - norm), ()
+            return float(logits[token]) - norm, ()
         best = np.argpartition(logits, -k)[-k:]
         best = best[np.argsort(-logits[best], kind="stable")]
-        return float(logits[token] - norm), tuple((int(t), float(logits[t] - norm)) for t in best)
+        return float(logits[token]) - norm, tuple((int(t), float(logits[t]) - norm) for t in best)
 
     def _prompt_logprobs(self, slot: _Slot, chunk: list[int], first: int) -> None:
         """Each prompt token's log-probability given the tokens before it, from this chunk's logits."""
