@@ -28,7 +28,7 @@ from .generation import (
     response_grammar,
     sampling_params,
 )
-from .logprobs import Aligner, Entry, legacy_logprobs
+from .logprobs import Aligner, Entry, legacy_logprobs, prompt_entries
 from .models import LoadedModel, ModelManager
 
 # OpenAI's documented default for /v1/completions when neither the request nor the model sets one.
@@ -197,7 +197,7 @@ async def stream(prep: PreparedCompletion) -> AsyncIterator[list[Completion]]:
         )
 
     aligners = [[Aligner(model) for _ in range(p.job.n)] for p in prep.prompts]
-    prompt_entries: list[list[Entry]] = [[] for _ in prep.prompts]
+    prompts_seen: list[list[Entry]] = [[] for _ in prep.prompts]
     echoed = [not echo] * len(prep.prompts)
     tasks = [asyncio.create_task(pump(i, p.job)) for i, p in enumerate(prep.prompts)]
     dones: list[Done] = []
@@ -210,12 +210,12 @@ async def stream(prep: PreparedCompletion) -> AsyncIterator[list[Completion]]:
             out = []
             for event in batch:
                 if isinstance(event, PromptLogprobs):
-                    prompt_entries[p_index] += [Entry(t, model.token_bytes(t), lp, top) for t, lp, top in event.entries]
+                    prompts_seen[p_index] += prompt_entries(model, event)
                     continue
                 if not echoed[p_index]:
                     echoed[p_index] = True
                     text = prep.prompts[p_index].text
-                    out += [chunk(p_index * prep.n + c, text, entries=prompt_entries[p_index]) for c in range(prep.n)]
+                    out += [chunk(p_index * prep.n + c, text, entries=prompts_seen[p_index]) for c in range(prep.n)]
                 if isinstance(event, Token):
                     entries = aligners[p_index][event.index].on_token(event) if want else []
                     if event.text:

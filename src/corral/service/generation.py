@@ -16,7 +16,7 @@ from ..engine.sampling import SamplingParams
 from ..protocol.openai import ResponseFormat, SamplingFields
 from .errors import EngineFailure, InvalidRequest
 from .grammar import JSON_OBJECT_GRAMMAR, SchemaError, schema_to_grammar
-from .logprobs import Aligner, Entry
+from .logprobs import Aligner, Entry, prompt_entries
 from .models import LoadedModel
 
 # Request fields that map one to one onto SamplingParams (and onto Ollama's PARAMETER names).
@@ -155,7 +155,7 @@ async def collect(job: GenerateJob, loaded: LoadedModel) -> Collected:
     aligners = [Aligner(loaded.model) for _ in range(job.n)]
     entries: list[list[Entry]] = [[] for _ in range(job.n)]
     outcomes: list[Outcome | None] = [None] * job.n
-    prompt_entries: list[Entry] = []
+    prompt: list[Entry] = []
     async for batch in events(job, loaded):
         for event in batch:
             if isinstance(event, Token):
@@ -163,7 +163,7 @@ async def collect(job: GenerateJob, loaded: LoadedModel) -> Collected:
                 if job.want_logprobs:
                     entries[event.index] += aligners[event.index].on_token(event)
             elif isinstance(event, PromptLogprobs):
-                prompt_entries += [Entry(t, loaded.model.token_bytes(t), lp, top) for t, lp, top in event.entries]
+                prompt += prompt_entries(loaded.model, event)
             elif isinstance(event, Finished):
                 i = event.index
                 texts[i].append(event.text)
@@ -172,5 +172,5 @@ async def collect(job: GenerateJob, loaded: LoadedModel) -> Collected:
                 outcomes[i] = Outcome("".join(texts[i]), event.reason, event.completion_tokens, event.logprob_sum,
                                       entries[i])
             elif isinstance(event, Done):
-                return Collected([o for o in outcomes if o is not None], event, prompt_entries)
+                return Collected([o for o in outcomes if o is not None], event, prompt)
     raise EngineFailure("the engine ended the job without finishing it")

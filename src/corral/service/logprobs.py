@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..engine.job import Token
+from ..engine.job import PromptLogprobs, Token
 from ..engine.model import LlamaModel
 from ..protocol.openai import ChoiceLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
@@ -45,6 +45,10 @@ class Aligner:
             self._handed += len(entry.piece)
             out.append(entry)
         return out
+
+
+def prompt_entries(model: LlamaModel, event: PromptLogprobs) -> list[Entry]:
+    return [Entry(t, model.token_bytes(t), lp, top) for t, lp, top in event.entries]
 
 
 def _text(piece: bytes) -> str:
