@@ -72,6 +72,7 @@ class GenerateJob:
     want_logprobs: bool = False  # the sampled token's log-probability (and their sum per choice)
     top_logprobs: int = 0  # with want_logprobs: how many alternatives to report per token
     prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens too (disables prefix reuse)
+    shown_tokens: frozenset[int] = frozenset()  # special tokens written out in the text (tool-call markers)
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the runner when the job is admitted.

@@ -101,6 +101,12 @@ class LlamaModel:
         self._piece_cache[token] = piece
         return piece
 
+    def special_bytes(self, token: int) -> bytes:
+        """A token's bytes with special tokens spelled out (`[TOOL_CALLS]`)."""
+        buf = ctypes.create_string_buffer(256)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
+
     def detokenize_special(self, token: int) -> str:
         """A token's text with special tokens spelled out (`<|im_start|>`), as templates write them."""
         buf = ctypes.create_string_buffer(256)

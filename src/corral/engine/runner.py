@@ -219,7 +219,10 @@ class Runner:
             return n
 
         try:  # a sampler that cannot be built fails this job alone, before it takes any slot
-            samplers = [SequenceSampler(p, self.model.n_vocab, job.n_ctx, self.model.vocab) for p in job.sampling]
+            samplers = [
+                SequenceSampler(p, self.model.n_vocab, job.n_ctx, self.model.vocab, lambda t: self._piece(job, t))
+                for p in job.sampling
+            ]
         except ValueError as exc:
             job.emit(Failed(f"sampling could not start: {exc}"))
             deliver([job], force=True)
@@ -311,7 +314,7 @@ class Runner:
         slot.generated += 1
         if logprob is not None:
             slot.logprob_sum += logprob
-        text, stopped = slot.text.feed(self.model.token_bytes(token))
+        text, stopped = slot.text.feed(self._piece(job, token))
         job.emit(Token(slot.choice, text, token, logprob, top))
         if slot.generated == 1:
             deliver([job], force=True)  # the first token goes out at once: time to first token is not delayed
@@ -320,6 +323,11 @@ class Runner:
         if slot.generated >= job.max_tokens or len(slot.tokens) + 1 >= job.n_ctx:
             return self._finish(slot, "length")
         slot.next_token = token
+
+    def _piece(self, job: GenerateJob, token: int) -> bytes:
+        if token in job.shown_tokens:
+            return self.model.special_bytes(token)
+        return self.model.token_bytes(token)
 
     def _logprobs(self, idx: int, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
         """Log-probability under the model's raw distribution (log-softmax of the logits, before any

@@ -10,15 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Fields of OpenAI's API that a later corral release will honour; until then a value other than
-# null or false is a 400 naming the field.
-NOT_YET_SUPPORTED = {
-    "tools": "tool calling",
-    "tool_choice": "tool calling",
-    "parallel_tool_calls": "tool calling",
-    "functions": "tool calling",
-    "function_call": "tool calling",
+# OpenAI's deprecated function-calling fields: a value other than null is a 400 pointing at `tools`.
+DEPRECATED = {
+    "functions": "use 'tools'",
+    "function_call": "use 'tool_choice'",
 }
+
+# OpenAI's rule for function names; it also keeps them safe to quote in a grammar and a prompt.
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class Strict(BaseModel):
@@ -46,18 +45,51 @@ class ImagePart(Strict):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(Strict):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(Strict):
+    """A call the assistant made earlier in the conversation, as OpenAI returned it."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages only: which call this is the result of
+    refusal: str | None = None  # assistant messages only; a refusal stands in for the content
+    function_call: None = None  # deprecated, sent back as null by clients replaying a response
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry 'tool_calls', not {self.role!r} messages")
+        if self.refusal is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry 'refusal', not {self.role!r} messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"only tool messages carry 'tool_call_id', not {self.role!r} messages")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
+            raise ValueError("'content' may be null only in an assistant message with 'tool_calls'")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
 
     def has_images(self) -> bool:
-        return not isinstance(self.content, str) and any(isinstance(p, ImagePart) for p in self.content)
+        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
 
 
 class StreamOptions(Strict):
@@ -87,6 +119,30 @@ class ResponseFormat(Strict):
         return self
 
 
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema for the arguments object
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 # -- shared sampling fields ---------------------------------------------------------------------------
 class SamplingFields(Strict):
     model: str = Field(min_length=1)
@@ -108,20 +164,6 @@ class SamplingFields(Strict):
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     repeat_last_n: int | None = Field(default=None, ge=-1)
     num_ctx: int | None = Field(default=None, ge=16)
-    # Refused by name when set (see NOT_YET_SUPPORTED); null or false is accepted.
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    functions: Any = None
-    function_call: Any = None
-
-    @field_validator(*NOT_YET_SUPPORTED, mode="before")
-    @classmethod
-    def _not_yet(cls, value: Any, info: Any) -> Any:
-        if value not in (None, False):
-            feature = NOT_YET_SUPPORTED[info.field_name]
-            raise ValueError(f"'{info.field_name}' is not supported by this corral release yet ({feature})")
-        return None
 
     @field_validator("logit_bias")
     @classmethod
@@ -153,6 +195,30 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Refused by name when set (see DEPRECATED); null is accepted.
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator(*DEPRECATED, mode="before")
+    @classmethod
+    def _deprecated(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            raise ValueError(f"'{info.field_name}' is deprecated and not supported: {DEPRECATED[info.field_name]}")
+        return None
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, value: list[Tool] | None) -> list[Tool] | None:
+        if value is not None and not value:
+            raise ValueError("'tools' must not be an empty array; leave it out when there are no tools")
+        names = [tool.function.name for tool in value or []]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"function names must be unique, {', '.join(map(repr, duplicates))} appears twice")
+        return value
 
 
 class CompletionRequest(SamplingFields):
@@ -209,9 +275,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null when the reply is only tool calls, as OpenAI sends it
+    tool_calls: list[ResponseToolCall] | None = Field(default=None, exclude_if=_absent)
 
 
 class ChatChoice(BaseModel):
@@ -231,13 +313,24 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-def _absent(value: Any) -> bool:
-    return value is None
+class DeltaFunction(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_absent)
+    arguments: str
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed piece of a tool call: the first for each `index` names it, later ones add arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_absent)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_absent)
+    function: DeltaFunction
 
 
 class Delta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_absent)
     content: str | None = Field(default=None, exclude_if=_absent)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_absent)
 
 
 class ChunkChoice(BaseModel):

@@ -11,8 +11,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..engine.job import Done, Event, Failed, Finished, GenerateJob, PromptLogprobs, Token
-from ..engine.sampling import SamplingParams
+from ..engine.job import (
+    Done,
+    Event,
+    Failed,
+    Finished,
+    GenerateJob,
+    PromptLogprobs,
+    Token,
+)
+from ..engine.sampling import GrammarTrigger, SamplingParams
 from ..protocol.openai import ResponseFormat, SamplingFields
 from .errors import EngineFailure, InvalidRequest
 from .grammar import JSON_OBJECT_GRAMMAR, SchemaError, schema_to_grammar
@@ -20,7 +28,7 @@ from .logprobs import Aligner, Entry, prompt_entries
 from .models import LoadedModel
 
 # Request fields that map one to one onto SamplingParams (and onto Ollama's PARAMETER names).
-_SAMPLING_FIELDS = [f.name for f in fields(SamplingParams) if f.name not in ("logit_bias", "grammar")]
+_SAMPLING_FIELDS = [f.name for f in fields(SamplingParams) if f.name not in ("logit_bias", "grammar", "grammar_trigger")]
 
 
 def new_id(prefix: str) -> str:
@@ -41,8 +49,10 @@ def response_grammar(response_format: ResponseFormat | None) -> str | None:
                              param="response_format.json_schema.schema") from None
 
 
-def sampling_params(request: SamplingFields, loaded: LoadedModel, grammar: str | None = None) -> SamplingParams:
-    values: dict[str, Any] = {"grammar": grammar}
+def sampling_params(
+    request: SamplingFields, loaded: LoadedModel, grammar: str | None = None, trigger: GrammarTrigger | None = None
+) -> SamplingParams:
+    values: dict[str, Any] = {"grammar": grammar, "grammar_trigger": trigger}
     for name in _SAMPLING_FIELDS:
         requested = getattr(request, name, None)  # typical_p exists only as a model PARAMETER
         if requested is not None:

@@ -59,18 +59,22 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
-__all__ = ["JSON_OBJECT_GRAMMAR", "SchemaError", "schema_to_grammar"]
+__all__ = ["JSON_OBJECT_GRAMMAR", "SchemaError", "literal", "schema_to_grammar", "schemas_to_rules"]
 
 
 class SchemaError(ValueError):
-    """The schema uses something the grammar cannot enforce (or is not a valid schema)."""
+    """The schema uses something the grammar cannot enforce (or is not a valid schema).
 
-    def __init__(self, message: str, keyword: str | None = None, path: str = "") -> None:
-        where = path or "/"
-        label = f"'{keyword}' " if keyword else ""
-        super().__init__(f"response_format schema: {label}at {where}: {message}")
-        self.keyword = keyword
-        self.path = path
+    `subject` says whose schema it is (`response_format schema`, `tools[0].function.parameters`)."""
+
+    def __init__(self, message: str, keyword: str | None = None, path: str = "",
+                 subject: str = "response_format schema") -> None:
+        self.message, self.keyword, self.path, self.subject = message, keyword, path, subject
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        label = f"'{self.keyword}' " if self.keyword else ""
+        return f"{self.subject}: {label}at {self.path or '/'}: {self.message}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1580,16 +1584,36 @@ class _Converter:
         return best, any(ex for v, ex in found if v == best)
 
 
-def schema_to_grammar(schema: dict[str, Any]) -> str:
-    """GBNF (rule `root`) accepting only JSON documents that validate against `schema`.
+def schemas_to_rules(schemas: dict[str, Any], reserved: Iterable[str] = ()) -> dict[str, str]:
+    """GBNF rules, one named after each key of `schemas` accepting the JSON documents valid against it,
+    plus the rules they share. Names in `reserved` are left for the caller's own rules.
 
     Raises SchemaError, naming the keyword, for anything the grammar cannot enforce."""
-    converter = _Converter(schema)
-    body = converter.convert(schema, "", "root", frozenset({""}))
-    if body is None:
-        raise SchemaError("the schema accepts no value at all", None, "")
-    rules = {"root": body, **converter.rules}
+    converter = _Converter(None)
+    converter.names.update(schemas, reserved)
+    roots: dict[str, str] = {}
+    for name, schema in schemas.items():
+        converter.root = schema
+        converter.ref_rules = {"": name}  # each schema's local $refs resolve within it
+        body = converter.convert(schema, "", name, frozenset({""}))
+        if body is None:
+            raise SchemaError("the schema accepts no value at all", None, "")
+        roots[name] = body
+    return {**roots, **converter.rules}
+
+
+def schema_to_grammar(schema: dict[str, Any]) -> str:
+    """GBNF (rule `root`) accepting only JSON documents that validate against `schema`."""
+    return rules_text(schemas_to_rules({"root": schema}))
+
+
+def rules_text(rules: dict[str, str]) -> str:
     return "".join(f"{name} ::= {rule}\n" for name, rule in rules.items())
+
+
+def literal(text: str) -> str:
+    """A GBNF literal matching exactly `text`."""
+    return _lit(text)
 
 
 # response_format {"type": "json_object"}: any JSON object.
