@@ -142,3 +142,35 @@ def test_a_single_slot_runner_serves(vocab):
         assert finished[0].completion_tokens == 3
     finally:
         solo.close()
+
+
+@pytest.mark.parametrize("offset", [0, 2])  # the trigger starts at a token's start, or inside a token
+def test_a_lazy_grammar_holds_from_its_trigger_on(runner, vocab, offset):
+    from corral.engine.sampling import GrammarTrigger
+
+    prompt = "Here is a short story about a fox and a crow:"
+    [(free, _, _)] = run(runner, [job(vocab, prompt, max_tokens=24)])
+    text = free[0]
+    tokens = vocab.tokenize(text, False, False)
+    # A trigger the free output reaches: from some token's start (plus `offset`) to a later token's end.
+    head = b"".join(vocab.token_bytes(t) for t in tokens[:6]).decode()
+    upto = b"".join(vocab.token_bytes(t) for t in tokens[:9]).decode()
+    marker = text[len(head) + offset:len(upto)]
+    assert len(marker) >= 5 and text.count(marker) == 1
+    grammar = f'root ::= "{marker}" " zebra zebra."\n'
+    lazy = SamplingParams(temperature=0.0, grammar=grammar,
+                          grammar_trigger=GrammarTrigger(markers=(marker.encode(),)))
+    [(out, finished, _)] = run(runner, [job(vocab, prompt, max_tokens=24, sampling=lazy)])
+    assert out[0] == text[:text.index(marker)] + marker + " zebra zebra."
+    assert finished[0].reason == "stop"
+
+
+def test_a_lazy_grammar_that_never_triggers_leaves_the_output_free(runner, vocab):
+    from corral.engine.sampling import GrammarTrigger
+
+    prompt = "Here is a short story about a fox and a crow:"
+    [(free, _, _)] = run(runner, [job(vocab, prompt, max_tokens=16)])
+    lazy = SamplingParams(temperature=0.0, grammar='root ::= "never"\n',
+                          grammar_trigger=GrammarTrigger(markers=(b"\x00never\x00",), at_start=True))
+    [(out, _, _)] = run(runner, [job(vocab, prompt, max_tokens=16, sampling=lazy)])
+    assert out == free

@@ -56,7 +56,7 @@ def test_empty_body_and_non_object_body_are_400(http):
         ({"model": MODEL, "messages": OK_MESSAGES, "stop": [""]}, "stop"),
         ({"model": MODEL, "messages": OK_MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"model": MODEL, "messages": OK_MESSAGES, "logprobs": "yes"}, "logprobs"),
-        ({"model": MODEL, "messages": OK_MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": OK_MESSAGES, "tools": [{"type": "function"}]}, "tools[0].function"),
         ({"model": MODEL, "messages": OK_MESSAGES, "response_format": {"type": "sound"}}, "response_format.type"),
         ({"model": MODEL, "messages": OK_MESSAGES, "frobnicate": 1}, "frobnicate"),
         ({"model": "../../etc/passwd", "messages": OK_MESSAGES}, "model"),

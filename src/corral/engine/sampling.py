@@ -181,16 +181,16 @@ class SequenceSampler:
         self.lazy = None
         tokens, prefix = lazy.from_trigger(start)
         if prefix is None:
-            log.warning("tool-call grammar not applied: the trigger split a character")
+            log.warning("lazy grammar not applied: the trigger split a character")
             return
         text = lazy.grammar + (f"corral-lazy ::= {_literal(prefix)} root\n" if prefix else "")
         grammar = ll.llama_sampler_init_grammar(self.vocab, text.encode(), b"corral-lazy" if prefix else b"root")
         if not grammar:
-            log.warning("tool-call grammar not applied: llama.cpp could not parse it")
+            log.warning("lazy grammar not applied: llama.cpp could not parse it")
             return
         for t in tokens:
             if not self._allows(grammar, t):
-                log.warning("tool-call grammar not applied: the output strayed from it before it started")
+                log.warning("lazy grammar not applied: the output strayed from it before it started")
                 free_chain(grammar)
                 return
             ll.llama_sampler_accept(grammar, t)

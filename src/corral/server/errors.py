@@ -38,9 +38,12 @@ def error_response(request: Request, status: int, message: str, param: str | Non
     return JSONResponse({"error": message}, status_code=status)
 
 
-# Pydantic tags union members in error locations ("str", "list[...]"); they are not field names.
+# Pydantic tags union members in error locations ("str", "list[...]", a model's class name); they are not
+# field names, which are snake_case on every wire corral speaks.
 def _is_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list", "dict"})
+    return isinstance(part, str) and (
+        "[" in part or part in {"str", "int", "float", "bool", "list", "dict"} or part[:1].isupper()
+    )
 
 
 def param_path(loc: tuple[Any, ...]) -> str | None:
