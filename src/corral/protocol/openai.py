@@ -60,12 +60,20 @@ class ToolCall(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant messages only
-    tool_call_id: str | None = None  # tool messages only: which call this is the result of
     refusal: str | None = None  # assistant messages only; a refusal stands in for the content
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
+    name: str | None = None
+    tool_call_id: str | None = None  # tool messages only: which call this is the result of
     function_call: None = None  # deprecated, sent back as null by clients replaying a response
+
+    @field_validator("content")
+    @classmethod
+    def _content_present(cls, value: Any, info: Any) -> Any:
+        data = info.data
+        if value is None and not (data.get("role") == "assistant" and (data.get("tool_calls") or data.get("refusal"))):
+            raise ValueError("'content' may be null only in an assistant message with 'tool_calls'")
+        return value
 
     @model_validator(mode="after")
     def _check_roles(self) -> "ChatMessage":
@@ -77,8 +85,6 @@ class ChatMessage(Strict):
             raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError(f"only tool messages carry 'tool_call_id', not {self.role!r} messages")
-        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
-            raise ValueError("'content' may be null only in an assistant message with 'tool_calls'")
         return self
 
     def text(self) -> str:
