@@ -210,3 +210,13 @@ def test_bad_tool_input_is_400_naming_it(http, fields, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
+
+
+def test_logprobs_cover_the_call_tokens(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                       parallel_tool_calls=False, seed=1, logprobs=True, top_logprobs=2)
+    choice = r.choices[0]
+    assert choice.message.tool_calls and choice.logprobs.content
+    text = "".join(e.token for e in choice.logprobs.content)
+    assert choice.message.tool_calls[0].function.arguments in text and "<tool_call>" in text
+    assert len(choice.logprobs.content) == r.usage.completion_tokens
