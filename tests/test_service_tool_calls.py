@@ -151,3 +151,10 @@ def test_text_after_a_call_is_content_and_blanks_between_calls_are_not():
            '"arguments": {"code": "1"}}</tool_call>\nDone.'
     parsed = parse(text, HERMES, FUNCTIONS)
     assert len(parsed.calls) == 2 and parsed.content == "\nDone."
+
+
+def test_a_call_cut_before_its_name_is_dropped_not_shown():
+    text = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n\n<tool_call>{"name":'
+    parsed = parse(text, HERMES, FUNCTIONS)
+    assert [c.name for c in parsed.calls] == ["get_time"] and parsed.content == ""
+    assert parse("Let me see. <tool_call>{", HERMES, FUNCTIONS).content == "Let me see. "

@@ -38,9 +38,9 @@ def test_damaged_manifest_is_skipped_by_list(tmp_path):
     assert store.list() == []
 
 
-def test_bundled_smollm2_is_imported_once(tmp_path, gguf_path):
+def test_bundled_models_are_imported_once(tmp_path, gguf_path):
     store = Store(tmp_path)
-    assert import_bundled(store) == ["smollm2:135m"]
+    assert import_bundled(store) == ["smollm2:135m", "all-minilm"]
     assert import_bundled(store) == []
     entry = store.find(Name.parse("smollm2:135m"))
     assert entry is not None
@@ -51,3 +51,10 @@ def test_bundled_smollm2_is_imported_once(tmp_path, gguf_path):
     assert config["model_format"] == "gguf" and config["model_family"] == "llama"
     assert config["model_type"] == "135M" and config["file_type"] == "Q4_1"
     assert config["context_length"] == 8192
+    minilm = store.find(Name.parse("all-minilm:latest"))  # converted from the package's safetensors
+    assert minilm is not None
+    assert store.blob_path(minilm.manifest.layer(MODEL_MEDIA_TYPE).digest).read_bytes()[:4] == b"GGUF"
+    config = json.loads(store.read_blob(minilm.manifest.config.digest))
+    assert config["model_family"] == "bert" and config["embedding_length"] == 384
+    assert config["context_length"] == 512 and config["file_type"] == "F32" and config["model_type"] == "23M"
+    assert not list(store.blobs.glob(".tmp-*"))  # the converter's temporary file became the blob

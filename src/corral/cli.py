@@ -101,6 +101,24 @@ def _upload(client: Client, path: Path) -> str:
     return digest
 
 
+# What a safetensors folder's conversion reads: weights, configs (also 1_Pooling/config.json) and vocabulary.
+_FOLDER_FILES = ("*.safetensors", "*.json", "vocab.txt", "*/config.json")
+
+
+def _upload_folder(client: Client, folder: Path) -> dict[str, str]:
+    """Uploads a Hugging Face safetensors folder file by file; the server converts it (relative path -> blob)."""
+    paths = sorted({p for pattern in _FOLDER_FILES for p in folder.glob(pattern) if p.is_file()})
+    if not any(p.suffix == ".safetensors" for p in paths):
+        raise CLIError(f"{folder}: the folder has no .safetensors files; FROM a GGUF file, a model, or a "
+                       "Hugging Face safetensors folder")
+    uploaded = {}
+    for path in paths:
+        relative = path.relative_to(folder).as_posix()
+        print(f"copying file {relative}")
+        uploaded[relative] = _upload(client, path)
+    return uploaded
+
+
 def _resolve(value: str, base: Path) -> Path | None:
     """A FROM or ADAPTER value names a local file when it exists (relative to the Modelfile's folder)."""
     path = Path(value).expanduser()
@@ -129,7 +147,9 @@ def create(client: Client, name: str, modelfile_path: Path) -> None:
                 raise CLIError(f"{modelfile_path}: the projector file {value!r} does not exist")
             body["from"] = value
         elif path.is_dir():
-            raise CLIError(f"{value}: FROM a folder (safetensors) is not supported yet; FROM a GGUF file or a model")
+            if i > 0 or files:
+                raise CLIError(f"{modelfile_path}: a safetensors folder must be the only FROM")
+            files.update(_upload_folder(client, path))
         else:
             print(f"copying file {path.name}")
             key = path.name if path.name not in files else f"{path.name}#{i}"  # order matters, not the key
@@ -203,6 +223,26 @@ def show(client: Client, name: str, part: str | None) -> None:
             print(f"    {line}")
 
 
+def _until(iso: str) -> str:
+    seconds = (datetime.fromisoformat(iso.replace("Z", "+00:00")) - datetime.now().astimezone()).total_seconds()
+    if seconds > 100 * 365 * 86400:
+        return "Forever"
+    for unit, size in (("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} from now"
+    return "Stopping..." if seconds <= 0 else f"{int(seconds)} seconds from now"
+
+
+def ps(client: Client) -> None:
+    models = client.call("GET", "/api/ps").json()["models"]
+    rows = [("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")]
+    rows += [(m["name"], m["digest"][:12], _size(m["size"]), "100% CPU", str(m["context_length"]),
+              _until(m["expires_at"])) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("    ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="corral", description="A local model server for OpenAI's and Ollama's APIs")
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
@@ -221,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("destination")
     p = commands.add_parser("rm", help="remove models")
     p.add_argument("models", nargs="+")
+    p = commands.add_parser("run", help="chat with a model in the terminal, or answer one prompt")
+    p.add_argument("model")
+    p.add_argument("prompt", nargs="*", help="answer this prompt and exit (stdin, when piped, is read too)")
+    commands.add_parser("ps", help="list the models loaded now")
+    p = commands.add_parser("stop", help="unload a model")
+    p.add_argument("model")
     for verb in ("pull", "push"):
         p = commands.add_parser(verb, help=f"{verb} a model {'from' if verb == 'pull' else 'to'} a registry")
         p.add_argument("model")
@@ -235,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         serve(settings)
         return 0
     client = Client(settings)
+    if args.command == "run":
+        from .repl import run
+
+        return run(client.base, args.model, " ".join(args.prompt) if args.prompt else None)
     try:
         if args.command in ("list", "ls"):
             list_models(client)
@@ -249,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             for model in args.models:
                 client.call("DELETE", "/api/delete", json={"model": model})
                 print(f"deleted '{model}'")
+        elif args.command == "ps":
+            ps(client)
+        elif args.command == "stop":
+            client.call("POST", "/api/generate", json={"model": args.model, "keep_alive": 0})
         elif args.command in ("pull", "push"):
             client.progress(f"/api/{args.command}", {"model": args.model, "insecure": args.insecure})
     except CLIError as exc:

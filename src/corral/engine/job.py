@@ -12,8 +12,12 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .vision import MediaSpan
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Done:
 
     prompt_tokens: int
     cached_tokens: int
+    prompt_ns: int = 0  # from the job's start in a slot to its first sampled token (prompt evaluation)
+    eval_ns: int = 0  # from the first sampled token to the last choice's end (generation)
 
 
 @dataclass(frozen=True)
@@ -73,11 +79,17 @@ class GenerateJob:
     top_logprobs: int = 0  # with want_logprobs: how many alternatives to report per token
     prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens too (disables prefix reuse)
     shown_tokens: frozenset[int] = frozenset()  # special tokens written out in the text (tool-call markers)
+    # Images: each span's positions in `prompt` hold placeholder ids (see engine/vision.py); the runner
+    # evaluates the image's embeddings there instead of tokens.
+    media: tuple["MediaSpan", ...] = ()
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the runner when the job is admitted.
     cached_tokens: int = 0
     remaining: int = 0
+    generated: int = 0  # tokens generated over all its choices so far (for the request's log line)
+    started_ns: int = 0  # when it took its slots
+    first_token_ns: int = 0  # when its first token was sampled
     # Events cross threads through a deque; the consumer is woken once per delivery, not once per event.
     _outbox: collections.deque[Event] = field(default_factory=collections.deque)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)

@@ -101,6 +101,13 @@ class LlamaModel:
         self._piece_cache[token] = piece
         return piece
 
+    def memory_bytes(self, context_tokens: int) -> int:
+        """The weights' size plus an f16 KV cache holding `context_tokens` tokens, for `ps`."""
+        heads = max(ll.llama_model_n_head(self.handle), 1)
+        kv_width = ll.llama_model_n_embd(self.handle) * ll.llama_model_n_head_kv(self.handle) // heads
+        per_token = 2 * 2 * kv_width * ll.llama_model_n_layer(self.handle)  # K and V, 2 bytes each
+        return int(ll.llama_model_size(self.handle)) + per_token * context_tokens
+
     def special_bytes(self, token: int) -> bytes:
         """A token's bytes with special tokens spelled out (`[TOOL_CALLS]`)."""
         buf = ctypes.create_string_buffer(256)

@@ -97,6 +97,136 @@ class ShowResponse(BaseModel):
     modified_at: str
 
 
+# -- generation: /api/generate and /api/chat ---------------------------------------------------------
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+class NativeFunctionCall(Strict):
+    name: str = Field(min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)  # an object, unlike OpenAI's JSON string
+    index: int | None = None
+
+
+class NativeToolCall(Strict):
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: NativeFunctionCall
+
+
+class NativeMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None  # base64
+    tool_calls: list[NativeToolCall] | None = None
+    tool_name: str | None = None  # tool messages: the function whose result this is
+    tool_call_id: str | None = None
+    thinking: Literal[""] | None = None  # no corral model thinks; an empty value is what clients echo back
+
+
+class GenerationFields(Strict):
+    """What /api/generate and /api/chat share."""
+
+    model: str = Field(min_length=1)
+    format: Literal["", "json"] | dict[str, Any] | None = None  # "json", or a JSON schema
+    options: dict[str, Any] | None = None  # Ollama's option names (num_ctx, temperature, num_predict, ...)
+    stream: bool | None = True
+    keep_alive: float | str | None = None
+    think: bool | Literal["low", "medium", "high", "max"] | None = None
+    truncate: bool | None = None
+    shift: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class GenerateRequest(GenerationFields):
+    prompt: str = ""
+    suffix: str | None = None
+    images: list[str] | None = None  # base64
+    system: str | None = None  # replaces the model's SYSTEM
+    template: str | None = None  # a jinja chat template replacing the model's
+    context: list[int] | None = None  # the `context` of an earlier response, continued
+    raw: bool | None = None  # the prompt goes to the model as it is, without the template
+
+
+class ChatRequest(GenerationFields):
+    messages: list[NativeMessage] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None  # OpenAI's tool objects, checked as /v1 checks them
+
+
+class NativeTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class NativeLogprob(NativeTopLogprob):
+    top_logprobs: list[NativeTopLogprob] | None = Field(default=None, exclude_if=_absent)
+
+
+class Timings(BaseModel):
+    """The final chunk's counts and durations, in nanoseconds."""
+
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+
+
+class GenerateChunk(BaseModel):
+    model: str
+    created_at: str
+    response: str
+    done: bool
+    done_reason: str | None = Field(default=None, exclude_if=_absent)
+    context: list[int] | None = Field(default=None, exclude_if=_absent)
+    total_duration: int | None = Field(default=None, exclude_if=_absent)
+    load_duration: int | None = Field(default=None, exclude_if=_absent)
+    prompt_eval_count: int | None = Field(default=None, exclude_if=_absent)
+    prompt_eval_duration: int | None = Field(default=None, exclude_if=_absent)
+    eval_count: int | None = Field(default=None, exclude_if=_absent)
+    eval_duration: int | None = Field(default=None, exclude_if=_absent)
+    logprobs: list[NativeLogprob] | None = Field(default=None, exclude_if=_absent)
+
+
+class ChatReply(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    tool_calls: list[NativeToolCall] | None = Field(default=None, exclude_if=_absent)
+
+
+class ChatChunk(BaseModel):
+    model: str
+    created_at: str
+    message: ChatReply
+    done: bool
+    done_reason: str | None = Field(default=None, exclude_if=_absent)
+    total_duration: int | None = Field(default=None, exclude_if=_absent)
+    load_duration: int | None = Field(default=None, exclude_if=_absent)
+    prompt_eval_count: int | None = Field(default=None, exclude_if=_absent)
+    prompt_eval_duration: int | None = Field(default=None, exclude_if=_absent)
+    eval_count: int | None = Field(default=None, exclude_if=_absent)
+    eval_duration: int | None = Field(default=None, exclude_if=_absent)
+    logprobs: list[NativeLogprob] | None = Field(default=None, exclude_if=_absent)
+
+
+class RunningModel(BaseModel):
+    name: str
+    model: str
+    size: int  # bytes: the weights and the context's KV cache
+    size_vram: int = 0  # corral runs on the CPU
+    digest: str
+    details: Details
+    expires_at: str  # RFC 3339; far in the future for a model kept loaded until the server stops
+    context_length: int
+
+
+class PsResponse(BaseModel):
+    models: list[RunningModel]
+
+
 class StatusResponse(BaseModel):
     status: str
     digest: str | None = None
@@ -106,3 +236,37 @@ class StatusResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+# -- embeddings ---------------------------------------------------------------------------------------
+KeepAlive = float | str | None  # seconds (negative: forever), or a duration such as "5m", "1h30m", "-1"
+
+
+class EmbedRequest(Strict):
+    model: str = Field(min_length=1)
+    input: str | list[str] | None = None  # absent or empty: load the model and answer no embeddings
+    truncate: bool | None = True  # false: an input longer than the context is a 400
+    dimensions: int | None = Field(default=None, ge=1)
+    keep_alive: KeepAlive = None
+    options: dict[str, Any] | None = None
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int  # nanoseconds
+    load_duration: int
+    prompt_eval_count: int
+
+
+class LegacyEmbeddingRequest(Strict):
+    """The body of the deprecated /api/embeddings."""
+
+    model: str = Field(min_length=1)
+    prompt: str = ""
+    keep_alive: KeepAlive = None
+    options: dict[str, Any] | None = None
+
+
+class LegacyEmbeddingResponse(BaseModel):
+    embedding: list[float]

@@ -15,6 +15,7 @@ from ..service.models import ModelManager
 from ..store.bundled import import_bundled
 from ..store.store import Store
 from . import errors, native_routes, openai_routes
+from .guard import Guard, is_loopback
 
 log = logging.getLogger("corral.server")
 
@@ -35,6 +36,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="corral", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.add_middleware(Guard, settings=settings)
+    if not is_loopback(settings.host) and not settings.api_keys:
+        log.warning("listening on %s, beyond this machine, with no API keys: anyone who can reach it can use "
+                    "and change your models; set CORRAL_API_KEYS", settings.host)
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)

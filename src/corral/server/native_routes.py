@@ -8,20 +8,32 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from ..protocol.native import (
+    ChatChunk,
+    ChatReply,
+    ChatRequest,
     CopyRequest,
     CreateRequest,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateChunk,
+    GenerateRequest,
+    LegacyEmbeddingRequest,
+    LegacyEmbeddingResponse,
     ModelRequest,
+    PsResponse,
     ShowResponse,
     StatusResponse,
     TagsResponse,
     TransferRequest,
     VersionResponse,
 )
-from ..service import manage, transfer
+from ..service import embeddings, manage, native_generation, transfer
 from ..service.errors import ServiceError
 from ..service.models import ModelManager
+from .openai_routes import _unless_disconnected
 
 router = APIRouter(prefix="/api")
 
@@ -54,6 +66,62 @@ async def _progress(statuses: AsyncIterator[StatusResponse], stream: bool | None
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
+def _ndjson(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+    """One JSON object per line; a failure once the response has started is its last line, as Ollama's."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield chunk.model_dump_json().encode() + b"\n"
+        except ServiceError as exc:
+            yield json.dumps({"error": exc.message}).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _json(model: BaseModel | Response) -> Response:
+    if isinstance(model, Response):  # the client went away
+        return model
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+@router.post("/generate", response_model=GenerateChunk)
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    manager = _manager(request)
+    keep_alive = native_generation.keep_alive_of(body)
+    if not body.prompt and not body.images and body.suffix is None and not body.context:
+        reason = await native_generation.load_or_unload(manager, body.model, keep_alive)
+        return _json(GenerateChunk(model=body.model, created_at=native_generation.created_at(), response="",
+                                   done=True, done_reason=reason))
+    request.state.record.model = body.model
+    run = await native_generation.prepare_generate(manager, body, keep_alive)
+    request.state.record.jobs = [run.job]
+    if body.stream is False:
+        return _json(await _unless_disconnected(request, native_generation.generate_whole(run)))
+    return _ndjson(native_generation.generate_chunks(run))
+
+
+@router.post("/chat", response_model=ChatChunk)
+async def chat(body: ChatRequest, request: Request) -> Response:
+    manager = _manager(request)
+    keep_alive = native_generation.keep_alive_of(body)
+    if not body.messages:
+        reason = await native_generation.load_or_unload(manager, body.model, keep_alive)
+        return _json(ChatChunk(model=body.model, created_at=native_generation.created_at(),
+                               message=ChatReply(content=""), done=True, done_reason=reason))
+    request.state.record.model = body.model
+    run = await native_generation.prepare_chat(manager, body, keep_alive)
+    request.state.record.jobs = [run.job]
+    if body.stream is False:
+        return _json(await _unless_disconnected(request, native_generation.chat_whole(run)))
+    return _ndjson(native_generation.chat_chunks(run))
+
+
+@router.get("/ps", response_model=PsResponse)
+async def ps(request: Request) -> PsResponse:
+    return manage.running(_manager(request))
+
+
 @router.get("/version", response_model=VersionResponse)
 async def version() -> VersionResponse:
     return manage.version()
@@ -77,7 +145,14 @@ async def copy(body: CopyRequest, request: Request) -> Response:
 
 @router.delete("/delete")
 async def delete(body: ModelRequest, request: Request) -> Response:
-    manage.delete(_manager(request), body.target())
+    manager = _manager(request)
+    target = body.target()
+    if target:
+        try:
+            await manager.unload(target)  # its engines go with it (a copy's engine reloads on next use)
+        except ServiceError:
+            pass  # an unknown or invalid name: delete says so below
+    manage.delete(manager, target)
     return Response(status_code=200)
 
 
@@ -105,3 +180,15 @@ async def blob_exists(digest: str, request: Request) -> Response:
 async def blob_upload(digest: str, request: Request) -> Response:
     await manage.put_blob(_manager(request), digest, request.stream())
     return Response(status_code=201)
+
+
+@router.post("/embed", response_model=EmbedResponse)
+async def embed(body: EmbedRequest, request: Request) -> Response:
+    result = await embeddings.embed_native(_manager(request), body)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+@router.post("/embeddings", response_model=LegacyEmbeddingResponse)
+async def legacy_embeddings(body: LegacyEmbeddingRequest, request: Request) -> Response:
+    result = await embeddings.embed_legacy(_manager(request), body)
+    return Response(result.model_dump_json(), media_type="application/json")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable
 from types import ModuleType
 from typing import TypeVar
@@ -16,16 +15,17 @@ from ..protocol.openai import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ErrorResponse,
     Model,
     ModelList,
 )
-from ..service import catalog, chat, completions
+from ..service import catalog, chat, completions, embeddings
 from ..service.errors import InvalidRequest
 from ..service.models import ModelManager
 from .sse import sse_response
 
-log = logging.getLogger("corral.server")
 router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
 T = TypeVar("T")
 
@@ -57,9 +57,10 @@ async def _generate(request: Request, body: ChatCompletionRequest | CompletionRe
     """Both generation routes: validate, prepare (every input error happens here), then stream or wait."""
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
-    log.info("%s model=%s user=%s stream=%s", service.__name__.rsplit(".", 1)[-1], body.model, body.user,
-             bool(body.stream))
+    record = request.state.record
+    record.model = body.model
     prepared = await service.prepare(_manager(request), body)
+    record.jobs = [p.job for p in prepared.prompts] if hasattr(prepared, "prompts") else [prepared.job]
     if body.stream:
         return sse_response(service.stream(prepared))
     return await _unless_disconnected(request, service.complete(prepared))
@@ -73,6 +74,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, request: Request):
     return await _generate(request, body, completions)
+
+
+@router.post("/embeddings", response_model=EmbeddingList)
+async def create_embeddings(body: EmbeddingRequest, request: Request):
+    request.state.record.model = body.model
+    result = await _unless_disconnected(request, embeddings.create_embeddings(_manager(request), body))
+    if isinstance(result, Response):
+        return result
+    request.state.record.prompt_tokens = result.usage.prompt_tokens
+    # Serialised once here: a large batch of vectors is the bulk of the response's cost.
+    return Response(result.model_dump_json(), media_type="application/json")
 
 
 @router.get("/models", response_model=ModelList)

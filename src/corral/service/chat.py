@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Settings
 from ..engine.job import Done, Finished, GenerateJob, Token
+from ..engine.vision import MediaPrompt
 from ..protocol.openai import (
     AssistantMessage,
+    ImagePart,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -24,7 +27,7 @@ from ..protocol.openai import (
     ResponseToolCall,
     Usage,
 )
-from . import tools
+from . import images, tools
 from .errors import InvalidRequest
 from .generation import (
     budget,
@@ -43,28 +46,53 @@ from .templates import TemplateRenderError
 from .tool_calls import CallStart, Content, ToolCallParser, gather
 
 
+def image_sources(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """Every image part's URL with where it is (`messages[i].content[j]`), in prompt order."""
+    found = []
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, ImagePart):
+                    url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+                    found.append((url, f"messages[{i}].content[{j}]"))
+    return found
+
+
+def _refuse_images(request: ChatCompletionRequest, loaded: LoadedModel) -> None:
+    for i, message in enumerate(request.messages):
+        if message.has_images():
+            reason = ("it has no vision projector" if not loaded.has_projector
+                      else "images need the asynchronous prompt builder (chat.build_prompt)")
+            raise InvalidRequest(
+                f"model '{request.model}' does not support images: {reason} (messages[{i}] has an image_url part)",
+                param=f"messages[{i}].content",
+            )
+
+
 def template_messages(
-    request: ChatCompletionRequest, loaded: LoadedModel, preamble: str | None = None
+    request: ChatCompletionRequest, loaded: LoadedModel, preamble: str | None = None, marker: str | None = None
 ) -> list[dict[str, Any]]:
     """OpenAI messages as the template expects them; `developer` is a system message to every template.
 
     Earlier tool calls and results go to a template that takes tools as it expects them (arguments as
     objects, `tool` messages with the function's name); for one that does not, they are written out in
-    the Hermes format and results become user turns, so any template can render them."""
+    the Hermes format and results become user turns, so any template can render them.
+
+    An image part becomes `marker` (the vision context's stand-in for one image) where it stood among the
+    text parts, which are joined with newlines; without a marker, images are a 400."""
+    if marker is None:
+        _refuse_images(request, loaded)
     takes_tools = tools.template_format(loaded.template.source) is not None
     out: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}
     for i, message in enumerate(request.messages):
-        if message.has_images():
-            reason = ("image input is not served by this corral release yet" if loaded.has_projector
-                      else "it has no vision projector")
-            raise InvalidRequest(
-                f"model '{request.model}' does not support images: {reason} (messages[{i}] has an image_url part)",
-                param=f"messages[{i}].content",
-            )
+        content = message.text()
+        if marker is not None and message.has_images():
+            assert isinstance(message.content, list)
+            content = "\n".join(marker if isinstance(p, ImagePart) else p.text for p in message.content)
         item: dict[str, Any] = {
             "role": "system" if message.role == "developer" else message.role,
-            "content": message.text(),
+            "content": content,
         }
         if message.name is not None:
             item["name"] = message.name
@@ -109,8 +137,10 @@ def template_messages(
     return [*system, *loaded.messages, *out[head:]]
 
 
-def prompt_tokens(request: ChatCompletionRequest, loaded: LoadedModel, plan: tools.ToolPlan | None = None) -> list[int]:
-    messages = template_messages(request, loaded, plan.preamble if plan else None)
+def prompt_text(request: ChatCompletionRequest, loaded: LoadedModel, plan: tools.ToolPlan | None = None,
+                marker: str | None = None) -> tuple[str, bool]:
+    """The templated prompt, and whether tokenizing it must add the model's BOS (the template may have)."""
+    messages = template_messages(request, loaded, plan.preamble if plan else None, marker)
     extra: dict[str, Any] = {}
     if plan is not None and plan.template_tools is not None:
         extra["tools"] = plan.template_tools
@@ -121,10 +151,32 @@ def prompt_tokens(request: ChatCompletionRequest, loaded: LoadedModel, plan: too
             text = loaded.template.render(messages, add_generation_prompt=True, **extra)
     except TemplateRenderError as exc:
         raise InvalidRequest(str(exc), param="messages") from None
-    model = loaded.model
     bos_text = loaded.template.bos_token
-    add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
-    return model.tokenize(text, add_special=add_bos, parse_special=True)
+    return text, loaded.model.add_bos and not (bos_text and text.startswith(bos_text))
+
+
+def prompt_tokens(request: ChatCompletionRequest, loaded: LoadedModel, plan: tools.ToolPlan | None = None) -> list[int]:
+    """The prompt of a request without images (images are a 400 here; see `build_prompt`)."""
+    text, add_bos = prompt_text(request, loaded, plan)
+    return loaded.model.tokenize(text, add_special=add_bos, parse_special=True)
+
+
+async def build_prompt(request: ChatCompletionRequest, loaded: LoadedModel, settings: Settings,
+                       plan: tools.ToolPlan | None = None) -> MediaPrompt:
+    """The prompt of any chat request: its images are read (data URLs, fetched URLs), checked, and placed
+    where their parts stood; image tokens count in the prompt's length."""
+    sources = image_sources(request)
+    if len(sources) > settings.max_images:
+        raise InvalidRequest(f"the request has {len(sources)} images; at most {settings.max_images} are allowed "
+                             "(CORRAL_MAX_IMAGES)", param="messages")
+    if not sources:
+        return MediaPrompt(prompt_tokens(request, loaded, plan), ())
+    if not loaded.has_projector:
+        _refuse_images(request, loaded)
+    marker = images.marker(loaded, request.model, sources[0][1])
+    inputs = await images.read_images(sources, settings)
+    text, add_bos = prompt_text(request, loaded, plan, marker)
+    return await images.tokenize(loaded, request.model, text, inputs, add_bos)
 
 
 @dataclass
@@ -152,11 +204,16 @@ async def prepare(manager: ModelManager, request: ChatCompletionRequest) -> Prep
     """Everything that can fail on bad input happens here, before a response (or stream) starts."""
     if request.top_logprobs is not None and not request.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    limit = manager.settings.max_messages
+    if len(request.messages) > limit:
+        raise InvalidRequest(f"the request has {len(request.messages)} messages; at most {limit} are allowed "
+                             "(CORRAL_MAX_MESSAGES)", param="messages")
     loaded = await manager.get(request.model, request.num_ctx)
     n = request.n or 1
     check_choices(n, loaded)
     plan = tools.plan(request, loaded)
-    tokens = prompt_tokens(request, loaded, plan)
+    prompt = await build_prompt(request, loaded, manager.settings, plan)
+    tokens = prompt.tokens
     n_ctx = context_limit(request, loaded)
     requested = request.max_completion_tokens or request.max_tokens
     stop = request.stops() if request.stop is not None else list(loaded.params.get("stop") or [])
@@ -173,6 +230,7 @@ async def prepare(manager: ModelManager, request: ChatCompletionRequest) -> Prep
         want_logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
         shown_tokens=plan.shown_tokens if plan else frozenset(),
+        media=prompt.media,
     )
     return PreparedChat(request, loaded, job, new_id("chatcmpl"), int(time.time()), plan)
 

@@ -32,3 +32,13 @@ class EngineFailure(ServiceError):
 
     status = 500
     kind = "server_error"
+
+
+class ServerBusy(ServiceError):
+    """Too many requests are already waiting for a slot (CORRAL_MAX_QUEUE)."""
+
+    status = 503
+    kind = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__("server busy, please try again.  maximum pending requests exceeded", code="server_busy")

@@ -158,6 +158,8 @@ async def events(job: GenerateJob, loaded: LoadedModel) -> AsyncIterator[list[Ev
                 return
     finally:
         job.cancel()
+        if loaded.on_done is not None:
+            loaded.on_done(loaded)
 
 
 async def collect(job: GenerateJob, loaded: LoadedModel) -> Collected:

@@ -16,6 +16,8 @@ from ..protocol.native import (
     CreateRequest,
     Details,
     ListedModel,
+    PsResponse,
+    RunningModel,
     ShowResponse,
     StatusResponse,
     TagsResponse,
@@ -37,12 +39,9 @@ from ..store.store import (
     Entry,
 )
 from .errors import InvalidRequest, ModelNotFound
-from .models import ModelManager
+from .models import EMBEDDING_ARCHITECTURES, ModelManager
 from .templates import ChatTemplate, TemplateRenderError
 
-# Architectures llama.cpp runs as encoders: they embed, they do not complete.
-EMBEDDING_ARCHITECTURES = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "t5encoder",
-                           "modern-bert", "neo-bert"}
 # PARAMETERs Ollama knows that have no meaning on corral's CPU engine: refused rather than ignored.
 NO_EFFECT_PARAMETERS = {"num_gpu": "corral runs on the CPU", "main_gpu": "corral runs on the CPU",
                         "num_keep": "corral never shifts the context"}
@@ -122,13 +121,16 @@ def modelfile_of(manager: ModelManager, entry: Entry) -> Modelfile:
     )
 
 
-def capabilities(manager: ModelManager, entry: Entry, meta: dict[str, Any], template: str) -> list[str]:
+def capabilities(manager: ModelManager, entry: Entry, meta: dict[str, Any]) -> list[str]:
     arch = str(meta.get("general.architecture", ""))
     caps = ["embedding"] if arch in EMBEDDING_ARCHITECTURES else ["completion"]
     if entry.manifest.layer(PROJECTOR_MEDIA_TYPE) is not None:
         caps.append("vision")
-    if "tools" in template:
+    if "completion" in caps:
+        # Every chat model takes tools: a template without tool support gets corral's tool preamble.
         caps.append("tools")
+        if any(f"tokenizer.ggml.fim_{part}_token_id" in meta for part in ("pre", "suf", "mid")):
+            caps.append("insert")
     return caps
 
 
@@ -151,7 +153,7 @@ def show(manager: ModelManager, raw: str | None) -> ShowResponse:
         system=modelfile.system or "",
         details=_details(manager, entry),
         model_info={k: v if isinstance(v, (str, int, float, bool, list)) else str(v) for k, v in info.items()},
-        capabilities=capabilities(manager, entry, meta, template),
+        capabilities=capabilities(manager, entry, meta),
         modified_at=_iso(entry.modified),
     )
 
@@ -182,9 +184,22 @@ def _parameters(values: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(str(exc), param="parameters") from None
 
 
+def _safetensors_files(files: dict[str, str]) -> dict[str, str] | None:
+    """A safetensors folder, sent file by file (relative path -> blob), as Ollama's client sends one."""
+    if not any(key.endswith(".safetensors") for key in files):
+        return None
+    if any(key.endswith(".gguf") for key in files):
+        raise InvalidRequest("'files' mixes GGUF and safetensors files; send one model", param="files")
+    if "config.json" not in files:
+        raise InvalidRequest("a safetensors model needs its config.json beside the .safetensors files",
+                             param="files")
+    return dict(files)
+
+
 def _spec(request: CreateRequest) -> store_manage.ModelSpec:
-    files = list((request.files or {}).values())
-    if request.from_ and files:
+    safetensors = _safetensors_files(request.files or {})
+    files = [] if safetensors is not None else list((request.files or {}).values())
+    if request.from_ and (files or safetensors):
         raise InvalidRequest("give either 'from' or 'files', not both", param="from")
     if len(files) > 2:
         raise InvalidRequest("'files' holds the model GGUF and at most one projector GGUF", param="files")
@@ -197,6 +212,7 @@ def _spec(request: CreateRequest) -> store_manage.ModelSpec:
     return store_manage.ModelSpec(
         base=request.from_,
         model_blob=files[0] if files else None,
+        safetensors_files=safetensors,
         projector_blob=files[1] if len(files) > 1 else None,
         adapter_blobs=list((request.adapters or {}).values()),
         template=request.template,
@@ -254,3 +270,19 @@ async def put_blob(manager: ModelManager, digest: str, chunks: AsyncIterator[byt
 
 def version() -> VersionResponse:
     return VersionResponse(version=__version__)
+
+
+# Ollama's expires_at for a model that never unloads: a time far beyond any real one.
+_FOREVER = "2318-11-26T00:00:00Z"
+
+
+def running(manager: ModelManager) -> PsResponse:
+    """What /api/ps lists: every loaded engine, with its memory (weights plus KV cache) and planned unload."""
+    models = []
+    for engine, expires_at in manager.running():
+        entry = engine.entry
+        name = entry.name.display()
+        when = _iso(expires_at) if expires_at is not None else _FOREVER
+        models.append(RunningModel(name=name, model=name, size=engine.memory_bytes(), digest=entry.digest.removeprefix(
+            "sha256:"), details=_details(manager, entry), expires_at=when, context_length=engine.n_ctx))
+    return PsResponse(models=models)

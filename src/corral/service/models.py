@@ -2,6 +2,14 @@
 
 Models load on first use. A request asking for a larger context than the loaded engine holds gets a
 new engine with that context; the old one finishes what it is serving and is then closed.
+
+Scheduling, as Ollama does it: an idle model unloads after its keep-alive (CORRAL_KEEP_ALIVE, 5 minutes;
+a request's `keep_alive` changes it for that model; negative: never; 0: right after the request); loading
+a model beyond CORRAL_MAX_LOADED_MODELS first unloads the least recently used idle one (or waits for one to
+become idle); and past CORRAL_MAX_QUEUE requests waiting for a slot, a new request is refused at once.
+
+Generation and embeddings have separate engines (a `Runner` or an `Embedder`, each with its own context
+and thread), so a model can serve both at once. Embedding-only models (BERT and kin) never get a Runner.
 """
 
 from __future__ import annotations
@@ -10,13 +18,18 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 from ..config import Settings
+from ..engine.embedder import Embedder, EmbedderConfig
 from ..engine.model import LlamaModel, ModelLoadError
 from ..engine.runner import Runner, RunnerConfig
+from ..store.gguf_import import gguf_metadata
 from ..store.names import InvalidName, Name
 from ..store.store import (
     ADAPTER_MEDIA_TYPE,
@@ -29,10 +42,19 @@ from ..store.store import (
     Entry,
     Store,
 )
-from .errors import EngineFailure, InvalidRequest, ModelNotFound
+from .errors import EngineFailure, InvalidRequest, ModelNotFound, ServerBusy
 from .templates import ChatTemplate, TemplateRenderError
 
 log = logging.getLogger("corral.service")
+
+# Architectures llama.cpp runs as encoders: they embed, they do not complete.
+EMBEDDING_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
+                                     "t5encoder", "modern-bert", "neo-bert"})
+# A model just handed to a request is not unloaded for at least this long, even with keep_alive 0, so that
+# it cannot vanish while the request builds its prompt.
+GRACE_SECONDS = 5.0
+# Inputs evaluated together in one embedding batch (they also share its n_ctx tokens).
+EMBED_SEQUENCES_PER_BATCH = 64
 
 
 @dataclass
@@ -47,9 +69,42 @@ class LoadedModel:
     messages: list[dict[str, str]] = field(default_factory=list)  # the model's MESSAGE turns
     has_projector: bool = False
     fingerprint: str = ""
+    keep_alive: float | None = None  # seconds it stays loaded when idle; None: the server's default
+    expiry: asyncio.TimerHandle | None = None
+    expires_at: float | None = None  # wall-clock time of the planned unload; None: never
+    last_used: float = 0.0
+    on_done: Callable[[LoadedModel], None] | None = None  # a request's job has ended
+
+    def memory_bytes(self) -> int:
+        return self.model.memory_bytes(self.n_ctx * self.runner.config.n_parallel)
 
     def close(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
         self.runner.close()
+        self.model.close()
+
+
+@dataclass(eq=False)
+class LoadedEmbedder:
+    entry: Entry
+    model: LlamaModel
+    embedder: Embedder
+    n_ctx: int  # the most tokens one input may have
+    tail: int | None  # a special token the tokenizer appends (BERT's [SEP]); truncation keeps it last
+    users: int = 0  # requests holding it now; it is unloaded only when none do
+    keep_alive: float | None = None  # seconds it stays loaded when idle; None or negative: until shutdown
+    expiry: asyncio.TimerHandle | None = None
+    expires_at: float | None = None
+    last_used: float = 0.0
+
+    def memory_bytes(self) -> int:
+        return self.model.memory_bytes(self.n_ctx)
+
+    def close(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.embedder.close()
         self.model.close()
 
 
@@ -66,6 +121,9 @@ class ModelManager:
         self.settings = settings
         self._loaded: dict[str, LoadedModel] = {}  # by manifest digest: copies of a model share an engine
         self._retiring: list[LoadedModel] = []
+        self._embedders: dict[str, LoadedEmbedder] = {}  # by manifest digest, as for generation
+        self._retiring_embedders: list[LoadedEmbedder] = []
+        self._architectures: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
     def resolve(self, raw: str) -> Entry:
@@ -78,18 +136,51 @@ class ModelManager:
             raise ModelNotFound(raw)
         return entry
 
+    def architecture(self, entry: Entry) -> str:
+        """`general.architecture` of the model's weights, from its config blob (the GGUF when it lacks it)."""
+        arch = self._architectures.get(entry.digest)
+        if arch is None:
+            try:
+                arch = json.loads(self.store.read_blob(entry.manifest.config.digest)).get("model_family") or ""
+            except (OSError, ValueError):
+                arch = ""
+            model_layer = entry.manifest.layer(MODEL_MEDIA_TYPE)
+            if not arch and model_layer is not None:
+                try:
+                    arch = str(gguf_metadata(self.store.blob_path(model_layer.digest)).get("general.architecture", ""))
+                except Exception:  # unreadable weights fail later, at load, with their own message
+                    arch = ""
+            self._architectures[entry.digest] = arch
+        return arch
+
+    def embedding_only(self, entry: Entry) -> bool:
+        return self.architecture(entry) in EMBEDDING_ARCHITECTURES
+
     async def get(self, raw_name: str, num_ctx: int | None = None) -> LoadedModel:
         entry = self.resolve(raw_name)
-        async with self._lock:
-            self._reap()
-            loaded = self._loaded.get(entry.digest)
-            if loaded is not None and (num_ctx is None or num_ctx <= loaded.n_ctx):
-                return loaded
-            fresh = await asyncio.to_thread(self._load, entry, num_ctx)
-            if loaded is not None:
-                self._retiring.append(loaded)
-            self._loaded[entry.digest] = fresh
-            return fresh
+        if self.embedding_only(entry):
+            raise InvalidRequest(
+                f"model '{raw_name}' does not support chat or completions: it is an embedding model "
+                "(use /v1/embeddings or /api/embed)",
+                param="model",
+            )
+        self._check_queue()
+        loaded = self._loaded.get(entry.digest)
+        if loaded is None or (num_ctx is not None and num_ctx > loaded.n_ctx):
+            async with self._lock:
+                self._reap()
+                loaded = self._loaded.get(entry.digest)
+                if loaded is None or (num_ctx is not None and num_ctx > loaded.n_ctx):
+                    if loaded is None:
+                        await self._make_room()
+                    fresh = await asyncio.to_thread(self._load, entry, num_ctx)
+                    fresh.on_done = self._request_done
+                    if loaded is not None:
+                        self._retire(loaded)
+                    self._loaded[entry.digest] = loaded = fresh
+        loaded.last_used = time.monotonic()
+        self._arm(loaded, grace=True)
+        return loaded
 
     def _load(self, entry: Entry, num_ctx: int | None) -> LoadedModel:
         manifest = entry.manifest
@@ -119,7 +210,9 @@ class ModelManager:
         try:
             adapters = [model.load_adapter(self.store.blob_path(layer.digest))
                         for layer in manifest.layers if layer.media_type == ADAPTER_MEDIA_TYPE]
-            runner = Runner(model, config, adapters)
+            projector = manifest.layer(PROJECTOR_MEDIA_TYPE)  # vision: loaded beside the model, on its thread
+            runner = Runner(model, config, adapters,
+                            projector=self.store.blob_path(projector.digest) if projector else None)
         except Exception as exc:
             model.close()
             raise EngineFailure(f"model '{entry.name}' could not start: {exc}") from None
@@ -151,18 +244,221 @@ class ModelManager:
             fingerprint=fingerprint,
         )
 
+    # -- embeddings ------------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def embedder(self, raw_name: str, num_ctx: int | None = None,
+                       keep_alive: float | None = None) -> AsyncIterator[LoadedEmbedder]:
+        """The model's embedding engine, held for one request. `keep_alive` (seconds) then says how long it
+        stays loaded when idle: None leaves it as it is (the server's keep-alive, unless an earlier request
+        set one), a negative value keeps it until the server stops, 0 unloads it at once."""
+        entry = self.resolve(raw_name)
+        async with self._lock:
+            self._reap()
+            loaded = self._embedders.get(entry.digest)
+            if loaded is None or (num_ctx is not None and num_ctx > loaded.n_ctx):
+                if loaded is None:
+                    await self._make_room()
+                fresh = await asyncio.to_thread(self._load_embedder, entry, num_ctx)
+                if loaded is not None:
+                    self._retire_embedder(loaded)
+                self._embedders[entry.digest] = loaded = fresh
+            loaded.users += 1
+            if loaded.expiry is not None:
+                loaded.expiry.cancel()
+                loaded.expiry = None
+        try:
+            yield loaded
+        finally:
+            loaded.users -= 1
+            if keep_alive is not None:
+                loaded.keep_alive = keep_alive
+            self._schedule_expiry(loaded)
+
+    def _schedule_expiry(self, loaded: LoadedEmbedder) -> None:
+        loaded.last_used = time.monotonic()
+        seconds = self._embedder_keep_alive(loaded)
+        if seconds < 0:
+            loaded.expires_at = None
+            return
+        if loaded.users > 0:  # the last request to finish arms the timer
+            return
+        if loaded.expiry is not None:
+            loaded.expiry.cancel()
+        loaded.expires_at = time.time() + seconds
+        loop = asyncio.get_running_loop()
+        loaded.expiry = loop.call_later(seconds, lambda: loop.create_task(self._expire(loaded)))
+
+    def _embedder_keep_alive(self, loaded: LoadedEmbedder) -> float:
+        """Seconds an idle embedding engine stays loaded: its last request's keep_alive, else the server's."""
+        return loaded.keep_alive if loaded.keep_alive is not None else self.settings.keep_alive
+
+    async def _expire(self, loaded: LoadedEmbedder) -> None:
+        async with self._lock:
+            if loaded.users > 0 or self._embedders.get(loaded.entry.digest) is not loaded:
+                return
+            del self._embedders[loaded.entry.digest]
+        log.info("unloaded embeddings of %s (keep_alive ended)", loaded.entry.name)
+        await asyncio.to_thread(loaded.close)
+
+    def _retire_embedder(self, loaded: LoadedEmbedder) -> None:
+        if loaded.expiry is not None:
+            loaded.expiry.cancel()
+            loaded.expiry = None
+        self._retiring_embedders.append(loaded)
+
+    def _load_embedder(self, entry: Entry, num_ctx: int | None) -> LoadedEmbedder:
+        model_layer = entry.manifest.layer(MODEL_MEDIA_TYPE)
+        if model_layer is None:
+            raise EngineFailure(f"model '{entry.name}' has no weights layer")
+        params = self._json_layer(entry, PARAMS_MEDIA_TYPE) or {}
+        try:
+            model = LlamaModel(self.store.blob_path(model_layer.digest), use_mmap=params.get("use_mmap", True))
+        except ModelLoadError as exc:
+            raise EngineFailure(f"model '{entry.name}' could not be loaded: {exc}") from None
+        try:
+            if num_ctx is not None and num_ctx > model.n_ctx_train:
+                raise InvalidRequest(
+                    f"num_ctx {num_ctx} is larger than the context model '{entry.name}' was trained with "
+                    f"({model.n_ctx_train})",
+                    param="num_ctx",
+                )
+            limit = num_ctx or min(int(params.get("num_ctx") or 0) or self.settings.context_length,
+                                   model.n_ctx_train)
+            config = EmbedderConfig(
+                n_ctx=limit,
+                n_seq_max=EMBED_SEQUENCES_PER_BATCH,
+                n_threads=int(params.get("num_thread") or self.settings.num_threads),
+            )
+            embedder = Embedder(model, config)
+        except InvalidRequest:
+            model.close()
+            raise
+        except Exception as exc:
+            model.close()
+            raise EngineFailure(f"model '{entry.name}' could not start embeddings: {exc}") from None
+        if embedder.pooling == "rank":
+            embedder.close()
+            model.close()
+            raise InvalidRequest(f"model '{entry.name}' is a reranker: its pooling gives scores, not embeddings",
+                                 param="model")
+        with_special = model.tokenize("a", add_special=True, parse_special=False)
+        plain = model.tokenize("a", add_special=False, parse_special=False)
+        tail = with_special[-1] if len(with_special) > len(plain) and with_special[-len(plain):] != plain else None
+        log.info("loaded %s for embeddings (%d tokens per input, %s pooling)", entry.name, limit, embedder.pooling)
+        return LoadedEmbedder(entry=entry, model=model, embedder=embedder, n_ctx=limit, tail=tail)
+
     def _json_layer(self, entry: Entry, media_type: str) -> Any:
         layer = entry.manifest.layer(media_type)
         return json.loads(self.store.read_blob(layer.digest)) if layer else None
+
+    # -- scheduling ------------------------------------------------------------------------------------
+    def _check_queue(self) -> None:
+        waiting = sum(m.runner.queued for m in self._loaded.values())
+        if waiting >= self.settings.max_queue:
+            raise ServerBusy()
+
+    def keep_alive(self, loaded: LoadedModel, seconds: float | None) -> None:
+        """A request's `keep_alive`: from now on the model's idle time before unloading (None: unchanged)."""
+        if seconds is not None:
+            loaded.keep_alive = seconds
+            self._arm(loaded, grace=True)
+
+    def _request_done(self, loaded: LoadedModel) -> None:
+        loaded.last_used = time.monotonic()
+        self._arm(loaded)
+
+    def _arm(self, loaded: LoadedModel, grace: bool = False) -> None:
+        """(Re)starts the model's idle timer; `grace` keeps it for a request that is about to use it."""
+        if loaded.expiry is not None:
+            loaded.expiry.cancel()
+            loaded.expiry = None
+        seconds = loaded.keep_alive if loaded.keep_alive is not None else self.settings.keep_alive
+        if seconds < 0:
+            loaded.expires_at = None
+            return
+        delay = max(seconds, GRACE_SECONDS) if grace else seconds
+        loaded.expires_at = time.time() + delay
+        loop = asyncio.get_running_loop()
+        loaded.expiry = loop.call_later(delay, lambda: loop.create_task(self._expire_model(loaded)))
+
+    async def _expire_model(self, loaded: LoadedModel) -> None:
+        async with self._lock:
+            if self._loaded.get(loaded.entry.digest) is not loaded:
+                return
+            if loaded.runner.busy:  # its requests re-arm the timer as they end; this is a fallback
+                self._arm(loaded, grace=True)
+                return
+            del self._loaded[loaded.entry.digest]
+        log.info("unloaded %s (idle past its keep-alive)", loaded.entry.name)
+        await asyncio.to_thread(loaded.close)
+
+    def _retire(self, loaded: LoadedModel) -> None:
+        if loaded.expiry is not None:
+            loaded.expiry.cancel()
+            loaded.expiry = None
+        self._retiring.append(loaded)
+
+    async def _make_room(self) -> None:
+        """Called under the lock before a load: unloads the least recently used idle engine while as many
+        as CORRAL_MAX_LOADED_MODELS are loaded, waiting for one to become idle when all are busy."""
+        while len(self._loaded) + len(self._embedders) >= self.settings.max_loaded_models:
+            idle: list[tuple[float, LoadedModel | LoadedEmbedder]] = [
+                (m.last_used, m) for m in self._loaded.values() if not m.runner.busy]
+            idle += [(m.last_used, m) for m in self._embedders.values() if m.users == 0]
+            if not idle:
+                await asyncio.sleep(0.05)
+                self._reap()
+                continue
+            _, victim = min(idle, key=lambda pair: pair[0])
+            if isinstance(victim, LoadedModel):
+                del self._loaded[victim.entry.digest]
+            else:
+                del self._embedders[victim.entry.digest]
+            log.info("unloaded %s to make room (CORRAL_MAX_LOADED_MODELS=%d)", victim.entry.name,
+                     self.settings.max_loaded_models)
+            await asyncio.to_thread(victim.close)
+
+    async def unload(self, raw_name: str) -> None:
+        """Unloads the model's engines now, or, while they serve requests, as soon as those end."""
+        entry = self.resolve(raw_name)
+        async with self._lock:
+            loaded = self._loaded.get(entry.digest)
+            if loaded is not None:
+                loaded.keep_alive = 0
+                if loaded.runner.busy:
+                    self._arm(loaded)
+                else:
+                    del self._loaded[entry.digest]
+                    await asyncio.to_thread(loaded.close)
+            embedder = self._embedders.get(entry.digest)
+            if embedder is not None:
+                embedder.keep_alive = 0
+                if embedder.users == 0:
+                    del self._embedders[entry.digest]
+                    await asyncio.to_thread(embedder.close)
+
+    def running(self) -> list[tuple[LoadedModel | LoadedEmbedder, float | None]]:
+        """Loaded engines and when each will unload (None: never), the soonest last."""
+        items: list[tuple[LoadedModel | LoadedEmbedder, float | None]] = [
+            (m, m.expires_at) for m in self._loaded.values()]
+        for e in self._embedders.values():
+            items.append((e, None if self._embedder_keep_alive(e) < 0 else e.expires_at))
+        return sorted(items, key=lambda pair: -(pair[1] if pair[1] is not None else float("inf")))
 
     def _reap(self) -> None:
         for old in [m for m in self._retiring if m.runner.busy == 0]:
             self._retiring.remove(old)
             old.close()
+        for old_embedder in [m for m in self._retiring_embedders if m.users == 0]:
+            self._retiring_embedders.remove(old_embedder)
+            old_embedder.close()
 
     async def close(self) -> None:
         async with self._lock:
-            for loaded in [*self._loaded.values(), *self._retiring]:
+            for loaded in [*self._loaded.values(), *self._retiring, *self._embedders.values(),
+                           *self._retiring_embedders]:
                 await asyncio.to_thread(loaded.close)
             self._loaded.clear()
             self._retiring.clear()
+            self._embedders.clear()
+            self._retiring_embedders.clear()

@@ -110,6 +110,10 @@ class ToolCallParser:
         out: list[Piece] = []
         if self.in_region:
             self.region += self.pending
+            marked = self.fmt.open is not None and self.region.startswith(self.fmt.open)
+            if marked and self.region_calls == 0:  # a call cut short before its name: markup, not content
+                self.call = None
+                self.region = ""
             self._close_region(out)
         elif self.pending and not (self.after_region and not self.pending.strip()):
             out.append(Content(self.pending))

@@ -30,7 +30,8 @@ def model_config(meta: dict[str, Any]) -> dict[str, Any]:
     arch = str(meta.get("general.architecture", ""))
     file_type = meta.get("general.file_type")
     try:
-        file_type_name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else ""
+        file_type_name = (LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+                          if file_type is not None else "")
     except ValueError:
         file_type_name = str(file_type)
     config: dict[str, Any] = {

@@ -7,13 +7,16 @@ thing written, so a failed create leaves the store listing exactly what it liste
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .gguf_import import gguf_metadata, model_config
 from .names import Name
+from .safetensors_convert import ConvertError, convert_to_layers
 from .store import (
     ADAPTER_MEDIA_TYPE,
     CONFIG_MEDIA_TYPE,
@@ -59,6 +62,7 @@ class ModelSpec:
 
     base: str | None = None  # FROM an existing model, by name
     model_blob: str | None = None  # FROM a GGUF file, uploaded as this blob
+    safetensors_files: dict[str, str] | None = None  # FROM a safetensors folder: relative path -> blob
     projector_blob: str | None = None  # a second FROM: a vision projector GGUF
     adapter_blobs: list[str] = field(default_factory=list)
     template: str | None = None
@@ -81,9 +85,37 @@ def _require_gguf(store: Store, digest: str, what: str) -> Path:
     return path
 
 
+def _convert_folder(store: Store, files: dict[str, str], name: Name) -> tuple[Layer, Layer]:
+    """Lays the uploaded files out as the folder they came from (links to the blobs) and converts it."""
+    with tempfile.TemporaryDirectory(prefix="corral-convert-") as tmp:
+        folder = Path(tmp)
+        for relative, digest in files.items():
+            parts = PurePosixPath(relative.replace("\\", "/")).parts
+            if not parts or any(p in ("", ".", "..") for p in parts) or relative.startswith(("/", "\\")):
+                raise StoreError(f"file name {relative!r} is not a relative path inside the model folder")
+            target = folder.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                source = store.blob_path(digest)
+            except ValueError as exc:
+                raise StoreError(str(exc)) from None
+            if not source.is_file():
+                raise StoreError(f"{relative}: blob {digest} has not been uploaded")
+            os.symlink(source, target)
+        try:
+            return convert_to_layers(store, folder, name.model)
+        except ConvertError as exc:
+            raise StoreError(f"cannot convert the safetensors model: {exc}") from None
+
+
 def create(store: Store, name: Name, spec: ModelSpec, progress: Callable[[str], None] = lambda _: None) -> Manifest:
     layers: dict[str, list[Layer]] = {}
-    if spec.base is not None:
+    if spec.safetensors_files is not None:
+        progress("converting model")
+        model_layer, config = _convert_folder(store, spec.safetensors_files, name)
+        layers[MODEL_MEDIA_TYPE] = [model_layer]
+        progress(f"using model layer {model_layer.digest}")
+    elif spec.base is not None:
         try:
             base_name = Name.parse(spec.base)
         except ValueError as exc:

@@ -106,11 +106,19 @@ class Store:
     def put_json(self, value: Any, media_type: str) -> Layer:
         return self.put_bytes(json.dumps(value, separators=(",", ":")).encode(), media_type)
 
-    def put_file(self, source: Path, media_type: str) -> Layer:
-        """Copy a file in while hashing it; a blob already present is not copied again."""
+    def put_file(self, source: Path, media_type: str, move: bool = False) -> Layer:
+        """Copy a file in while hashing it; a blob already present is not copied again.
+
+        `move` renames the file into place instead (it must be in the store's folder, as the converter's
+        temporary files are) and removes it when the blob already exists."""
         digest = file_digest(source)
         path = self.blob_path(digest)
-        if not path.exists():
+        if move:
+            if path.exists():
+                os.unlink(source)
+            else:
+                os.replace(source, path)
+        elif not path.exists():
             fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
             os.close(fd)
             try:
