@@ -10,7 +10,7 @@ import jsonschema
 import ollama
 import pytest
 
-from conftest import MODEL
+from conftest import MODEL, unload_models
 from registry_fixture import registry, registry_storage  # noqa: F401
 
 HI = [{"role": "user", "content": "Say hello to the world."}]
@@ -159,6 +159,13 @@ def test_a_long_chat_loses_its_oldest_turns(http):
     assert r.json()["prompt_eval_count"] < 1024
     r = http.post("/api/chat", json={**body, "truncate": False})
     assert r.status_code == 400 and "context" in r.json()["error"]
+
+
+def test_embed_through_the_ollama_client(oll, http):
+    r = oll.embed(model="all-minilm", input=["why is the sky blue?", "why is the grass green?"])
+    assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 384 and r.prompt_eval_count > 0
+    assert abs(sum(x * x for x in r.embeddings[0]) - 1) < 1e-3
+    unload_models(http, "all-minilm")
 
 
 def test_management_through_the_ollama_client(oll, registry):

@@ -164,24 +164,14 @@ class NativeLogprob(NativeTopLogprob):
     top_logprobs: list[NativeTopLogprob] | None = Field(default=None, exclude_if=_absent)
 
 
-class Timings(BaseModel):
-    """The final chunk's counts and durations, in nanoseconds."""
+class Reply(BaseModel):
+    """What every generate and chat chunk has; the final one (`done: true`) adds why it ended and its
+    counts and durations, in nanoseconds."""
 
-    total_duration: int
-    load_duration: int
-    prompt_eval_count: int
-    prompt_eval_duration: int
-    eval_count: int
-    eval_duration: int
-
-
-class GenerateChunk(BaseModel):
     model: str
     created_at: str
-    response: str
     done: bool
     done_reason: str | None = Field(default=None, exclude_if=_absent)
-    context: list[int] | None = Field(default=None, exclude_if=_absent)
     total_duration: int | None = Field(default=None, exclude_if=_absent)
     load_duration: int | None = Field(default=None, exclude_if=_absent)
     prompt_eval_count: int | None = Field(default=None, exclude_if=_absent)
@@ -189,6 +179,11 @@ class GenerateChunk(BaseModel):
     eval_count: int | None = Field(default=None, exclude_if=_absent)
     eval_duration: int | None = Field(default=None, exclude_if=_absent)
     logprobs: list[NativeLogprob] | None = Field(default=None, exclude_if=_absent)
+
+
+class GenerateChunk(Reply):
+    response: str
+    context: list[int] | None = Field(default=None, exclude_if=_absent)
 
 
 class ChatReply(BaseModel):
@@ -197,19 +192,8 @@ class ChatReply(BaseModel):
     tool_calls: list[NativeToolCall] | None = Field(default=None, exclude_if=_absent)
 
 
-class ChatChunk(BaseModel):
-    model: str
-    created_at: str
+class ChatChunk(Reply):
     message: ChatReply
-    done: bool
-    done_reason: str | None = Field(default=None, exclude_if=_absent)
-    total_duration: int | None = Field(default=None, exclude_if=_absent)
-    load_duration: int | None = Field(default=None, exclude_if=_absent)
-    prompt_eval_count: int | None = Field(default=None, exclude_if=_absent)
-    prompt_eval_duration: int | None = Field(default=None, exclude_if=_absent)
-    eval_count: int | None = Field(default=None, exclude_if=_absent)
-    eval_duration: int | None = Field(default=None, exclude_if=_absent)
-    logprobs: list[NativeLogprob] | None = Field(default=None, exclude_if=_absent)
 
 
 class RunningModel(BaseModel):

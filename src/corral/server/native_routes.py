@@ -12,7 +12,6 @@ from pydantic import BaseModel
 
 from ..protocol.native import (
     ChatChunk,
-    ChatReply,
     ChatRequest,
     CopyRequest,
     CreateRequest,
@@ -85,36 +84,27 @@ def _json(model: BaseModel | Response) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
+async def _generation(request: Request, body: GenerateRequest | ChatRequest) -> Response:
+    """Both generation routes: an empty request loads or unloads; anything else is prepared (every input
+    error happens here, before the response starts), then streamed or awaited whole."""
+    request.state.record.model = body.model
+    started = await native_generation.start(_manager(request), body)
+    if not isinstance(started, native_generation.Run):
+        return _json(started)
+    request.state.record.jobs = [started.job]
+    if body.stream is False:
+        return _json(await _unless_disconnected(request, started.whole()))
+    return _ndjson(started.chunks())
+
+
 @router.post("/generate", response_model=GenerateChunk)
 async def generate(body: GenerateRequest, request: Request) -> Response:
-    manager = _manager(request)
-    keep_alive = native_generation.keep_alive_of(body)
-    if not body.prompt and not body.images and body.suffix is None and not body.context:
-        reason = await native_generation.load_or_unload(manager, body.model, keep_alive)
-        return _json(GenerateChunk(model=body.model, created_at=native_generation.created_at(), response="",
-                                   done=True, done_reason=reason))
-    request.state.record.model = body.model
-    run = await native_generation.prepare_generate(manager, body, keep_alive)
-    request.state.record.jobs = [run.job]
-    if body.stream is False:
-        return _json(await _unless_disconnected(request, native_generation.generate_whole(run)))
-    return _ndjson(native_generation.generate_chunks(run))
+    return await _generation(request, body)
 
 
 @router.post("/chat", response_model=ChatChunk)
 async def chat(body: ChatRequest, request: Request) -> Response:
-    manager = _manager(request)
-    keep_alive = native_generation.keep_alive_of(body)
-    if not body.messages:
-        reason = await native_generation.load_or_unload(manager, body.model, keep_alive)
-        return _json(ChatChunk(model=body.model, created_at=native_generation.created_at(),
-                               message=ChatReply(content=""), done=True, done_reason=reason))
-    request.state.record.model = body.model
-    run = await native_generation.prepare_chat(manager, body, keep_alive)
-    request.state.record.jobs = [run.job]
-    if body.stream is False:
-        return _json(await _unless_disconnected(request, native_generation.chat_whole(run)))
-    return _ndjson(native_generation.chat_chunks(run))
+    return await _generation(request, body)
 
 
 @router.get("/ps", response_model=PsResponse)

@@ -75,6 +75,10 @@ class LoadedModel:
     last_used: float = 0.0
     on_done: Callable[[LoadedModel], None] | None = None  # a request's job has ended
 
+    @property
+    def busy(self) -> bool:
+        return self.runner.busy > 0
+
     def memory_bytes(self) -> int:
         return self.model.memory_bytes(self.n_ctx * self.runner.config.n_parallel)
 
@@ -98,6 +102,10 @@ class LoadedEmbedder:
     expires_at: float | None = None
     last_used: float = 0.0
 
+    @property
+    def busy(self) -> bool:
+        return self.users > 0
+
     def memory_bytes(self) -> int:
         return self.model.memory_bytes(self.n_ctx)
 
@@ -106,6 +114,10 @@ class LoadedEmbedder:
             self.expiry.cancel()
         self.embedder.close()
         self.model.close()
+
+
+# A loaded engine of either kind; the scheduler treats both alike.
+Engine = LoadedModel | LoadedEmbedder
 
 
 def _engine_version() -> str:
@@ -120,9 +132,8 @@ class ModelManager:
         self.store = store
         self.settings = settings
         self._loaded: dict[str, LoadedModel] = {}  # by manifest digest: copies of a model share an engine
-        self._retiring: list[LoadedModel] = []
+        self._retiring: list[Engine] = []  # replaced by a larger-context engine; closed once idle
         self._embedders: dict[str, LoadedEmbedder] = {}  # by manifest digest, as for generation
-        self._retiring_embedders: list[LoadedEmbedder] = []
         self._architectures: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
@@ -260,51 +271,18 @@ class ModelManager:
                     await self._make_room()
                 fresh = await asyncio.to_thread(self._load_embedder, entry, num_ctx)
                 if loaded is not None:
-                    self._retire_embedder(loaded)
+                    self._retire(loaded)
                 self._embedders[entry.digest] = loaded = fresh
             loaded.users += 1
-            if loaded.expiry is not None:
-                loaded.expiry.cancel()
-                loaded.expiry = None
+            self._arm(loaded, grace=True)
         try:
             yield loaded
         finally:
             loaded.users -= 1
+            loaded.last_used = time.monotonic()
             if keep_alive is not None:
                 loaded.keep_alive = keep_alive
-            self._schedule_expiry(loaded)
-
-    def _schedule_expiry(self, loaded: LoadedEmbedder) -> None:
-        loaded.last_used = time.monotonic()
-        seconds = self._embedder_keep_alive(loaded)
-        if seconds < 0:
-            loaded.expires_at = None
-            return
-        if loaded.users > 0:  # the last request to finish arms the timer
-            return
-        if loaded.expiry is not None:
-            loaded.expiry.cancel()
-        loaded.expires_at = time.time() + seconds
-        loop = asyncio.get_running_loop()
-        loaded.expiry = loop.call_later(seconds, lambda: loop.create_task(self._expire(loaded)))
-
-    def _embedder_keep_alive(self, loaded: LoadedEmbedder) -> float:
-        """Seconds an idle embedding engine stays loaded: its last request's keep_alive, else the server's."""
-        return loaded.keep_alive if loaded.keep_alive is not None else self.settings.keep_alive
-
-    async def _expire(self, loaded: LoadedEmbedder) -> None:
-        async with self._lock:
-            if loaded.users > 0 or self._embedders.get(loaded.entry.digest) is not loaded:
-                return
-            del self._embedders[loaded.entry.digest]
-        log.info("unloaded embeddings of %s (keep_alive ended)", loaded.entry.name)
-        await asyncio.to_thread(loaded.close)
-
-    def _retire_embedder(self, loaded: LoadedEmbedder) -> None:
-        if loaded.expiry is not None:
-            loaded.expiry.cancel()
-            loaded.expiry = None
-        self._retiring_embedders.append(loaded)
+            self._arm(loaded)
 
     def _load_embedder(self, entry: Entry, num_ctx: int | None) -> LoadedEmbedder:
         model_layer = entry.manifest.layer(MODEL_MEDIA_TYPE)
@@ -367,53 +345,52 @@ class ModelManager:
         loaded.last_used = time.monotonic()
         self._arm(loaded)
 
-    def _arm(self, loaded: LoadedModel, grace: bool = False) -> None:
-        """(Re)starts the model's idle timer; `grace` keeps it for a request that is about to use it."""
-        if loaded.expiry is not None:
-            loaded.expiry.cancel()
-            loaded.expiry = None
-        seconds = loaded.keep_alive if loaded.keep_alive is not None else self.settings.keep_alive
+    def _arm(self, engine: Engine, grace: bool = False) -> None:
+        """(Re)starts the engine's idle timer; `grace` keeps it for a request that is about to use it."""
+        if engine.expiry is not None:
+            engine.expiry.cancel()
+            engine.expiry = None
+        seconds = engine.keep_alive if engine.keep_alive is not None else self.settings.keep_alive
         if seconds < 0:
-            loaded.expires_at = None
+            engine.expires_at = None
             return
         delay = max(seconds, GRACE_SECONDS) if grace else seconds
-        loaded.expires_at = time.time() + delay
+        engine.expires_at = time.time() + delay
         loop = asyncio.get_running_loop()
-        loaded.expiry = loop.call_later(delay, lambda: loop.create_task(self._expire_model(loaded)))
+        engine.expiry = loop.call_later(delay, lambda: loop.create_task(self._expire(engine)))
 
-    async def _expire_model(self, loaded: LoadedModel) -> None:
+    def _table(self, engine: Engine) -> dict[str, Any]:
+        return self._loaded if isinstance(engine, LoadedModel) else self._embedders
+
+    async def _expire(self, engine: Engine) -> None:
         async with self._lock:
-            if self._loaded.get(loaded.entry.digest) is not loaded:
+            table = self._table(engine)
+            if table.get(engine.entry.digest) is not engine:
                 return
-            if loaded.runner.busy:  # its requests re-arm the timer as they end; this is a fallback
-                self._arm(loaded, grace=True)
+            if engine.busy:  # its requests re-arm the timer as they end; this is a fallback
+                self._arm(engine, grace=True)
                 return
-            del self._loaded[loaded.entry.digest]
-        log.info("unloaded %s (idle past its keep-alive)", loaded.entry.name)
-        await asyncio.to_thread(loaded.close)
+            del table[engine.entry.digest]
+        log.info("unloaded %s (idle past its keep-alive)", engine.entry.name)
+        await asyncio.to_thread(engine.close)
 
-    def _retire(self, loaded: LoadedModel) -> None:
-        if loaded.expiry is not None:
-            loaded.expiry.cancel()
-            loaded.expiry = None
-        self._retiring.append(loaded)
+    def _retire(self, engine: Engine) -> None:
+        if engine.expiry is not None:
+            engine.expiry.cancel()
+            engine.expiry = None
+        self._retiring.append(engine)
 
     async def _make_room(self) -> None:
         """Called under the lock before a load: unloads the least recently used idle engine while as many
         as CORRAL_MAX_LOADED_MODELS are loaded, waiting for one to become idle when all are busy."""
         while len(self._loaded) + len(self._embedders) >= self.settings.max_loaded_models:
-            idle: list[tuple[float, LoadedModel | LoadedEmbedder]] = [
-                (m.last_used, m) for m in self._loaded.values() if not m.runner.busy]
-            idle += [(m.last_used, m) for m in self._embedders.values() if m.users == 0]
+            idle = [m for m in (*self._loaded.values(), *self._embedders.values()) if not m.busy]
             if not idle:
                 await asyncio.sleep(0.05)
                 self._reap()
                 continue
-            _, victim = min(idle, key=lambda pair: pair[0])
-            if isinstance(victim, LoadedModel):
-                del self._loaded[victim.entry.digest]
-            else:
-                del self._embedders[victim.entry.digest]
+            victim = min(idle, key=lambda m: m.last_used)
+            del self._table(victim)[victim.entry.digest]
             log.info("unloaded %s to make room (CORRAL_MAX_LOADED_MODELS=%d)", victim.entry.name,
                      self.settings.max_loaded_models)
             await asyncio.to_thread(victim.close)
@@ -422,43 +399,31 @@ class ModelManager:
         """Unloads the model's engines now, or, while they serve requests, as soon as those end."""
         entry = self.resolve(raw_name)
         async with self._lock:
-            loaded = self._loaded.get(entry.digest)
-            if loaded is not None:
-                loaded.keep_alive = 0
-                if loaded.runner.busy:
-                    self._arm(loaded)
+            for table in (self._loaded, self._embedders):
+                engine = table.get(entry.digest)
+                if engine is None:
+                    continue
+                engine.keep_alive = 0
+                if engine.busy:
+                    self._arm(engine)
                 else:
-                    del self._loaded[entry.digest]
-                    await asyncio.to_thread(loaded.close)
-            embedder = self._embedders.get(entry.digest)
-            if embedder is not None:
-                embedder.keep_alive = 0
-                if embedder.users == 0:
-                    del self._embedders[entry.digest]
-                    await asyncio.to_thread(embedder.close)
+                    del table[entry.digest]
+                    await asyncio.to_thread(engine.close)
 
-    def running(self) -> list[tuple[LoadedModel | LoadedEmbedder, float | None]]:
+    def running(self) -> list[tuple[Engine, float | None]]:
         """Loaded engines and when each will unload (None: never), the soonest last."""
-        items: list[tuple[LoadedModel | LoadedEmbedder, float | None]] = [
-            (m, m.expires_at) for m in self._loaded.values()]
-        for e in self._embedders.values():
-            items.append((e, None if self._embedder_keep_alive(e) < 0 else e.expires_at))
+        items = [(m, m.expires_at) for m in (*self._loaded.values(), *self._embedders.values())]
         return sorted(items, key=lambda pair: -(pair[1] if pair[1] is not None else float("inf")))
 
     def _reap(self) -> None:
-        for old in [m for m in self._retiring if m.runner.busy == 0]:
+        for old in [m for m in self._retiring if not m.busy]:
             self._retiring.remove(old)
             old.close()
-        for old_embedder in [m for m in self._retiring_embedders if m.users == 0]:
-            self._retiring_embedders.remove(old_embedder)
-            old_embedder.close()
 
     async def close(self) -> None:
         async with self._lock:
-            for loaded in [*self._loaded.values(), *self._retiring, *self._embedders.values(),
-                           *self._retiring_embedders]:
-                await asyncio.to_thread(loaded.close)
+            for engine in [*self._loaded.values(), *self._retiring, *self._embedders.values()]:
+                await asyncio.to_thread(engine.close)
             self._loaded.clear()
             self._retiring.clear()
             self._embedders.clear()
-            self._retiring_embedders.clear()

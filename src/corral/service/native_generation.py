@@ -109,7 +109,7 @@ def _common(request: GenerationFields) -> dict[str, Any]:
     return fields
 
 
-def _validate(kind: type[ChatCompletionRequest] | type[CompletionRequest], body: dict[str, Any]) -> Any:
+def _validate(kind: type[ChatCompletionRequest | CompletionRequest], body: dict[str, Any]) -> Any:
     try:
         return kind.model_validate(body)
     except ValidationError as exc:
@@ -191,9 +191,16 @@ class Run:
     job: GenerateJob
     started_ns: int
     load_ns: int
+    chat: bool  # /api/chat (else /api/generate)
     parser: ToolCallParser | None = None
     context: list[int] | None = None  # generate: the prompt's tokens, which `context` continues
     generated: list[int] = field(default_factory=list)
+
+    def chunks(self) -> AsyncIterator[ChatChunk] | AsyncIterator[GenerateChunk]:
+        return chat_chunks(self) if self.chat else generate_chunks(self)
+
+    async def whole(self) -> ChatChunk | GenerateChunk:
+        return await (chat_whole(self) if self.chat else generate_whole(self))
 
     def timings(self, done: Done, eval_count: int) -> dict[str, int]:
         return {
@@ -212,14 +219,25 @@ async def _load(manager: ModelManager, model: str, num_ctx: int | None) -> tuple
     return loaded, time.perf_counter_ns() - start
 
 
-async def load_or_unload(manager: ModelManager, model: str, keep_alive: float | None) -> str:
-    """An empty request: load the model (`done_reason` "load"), or with `keep_alive: 0` unload it."""
+async def start(manager: ModelManager, request: GenerateRequest | ChatRequest) -> Run | GenerateChunk | ChatChunk:
+    """A prepared run, or for an empty request (no prompt, no messages) the one reply it gets: the model
+    loaded (`done_reason` "load"), or with `keep_alive: 0` unloaded ("unload")."""
+    keep_alive = parse_keep_alive(request.keep_alive)
+    if isinstance(request, ChatRequest):
+        if request.messages:
+            return await prepare_chat(manager, request, keep_alive)
+    elif request.prompt or request.images or request.suffix is not None or request.context:
+        return await prepare_generate(manager, request, keep_alive)
     if keep_alive == 0:
-        await manager.unload(model)
-        return "unload"
-    loaded = await manager.get(model)
-    manager.keep_alive(loaded, keep_alive)
-    return "load"
+        await manager.unload(request.model)
+        reason = "unload"
+    else:
+        manager.keep_alive(await manager.get(request.model), keep_alive)
+        reason = "load"
+    if isinstance(request, ChatRequest):
+        return ChatChunk(model=request.model, created_at=created_at(), message=ChatReply(content=""), done=True,
+                         done_reason=reason)
+    return GenerateChunk(model=request.model, created_at=created_at(), response="", done=True, done_reason=reason)
 
 
 async def prepare_chat(manager: ModelManager, request: ChatRequest, keep_alive: float | None = None) -> Run:
@@ -227,7 +245,7 @@ async def prepare_chat(manager: ModelManager, request: ChatRequest, keep_alive: 
     oldest turns (system messages and the last message stay) unless `truncate` is false."""
     started = time.perf_counter_ns()
     openai_request = chat_request(request)
-    loaded, load_ns = await _load(manager, openai_request.model, openai_request.num_ctx)
+    _, load_ns = await _load(manager, openai_request.model, openai_request.num_ctx)  # timed apart from the rest
     while True:
         try:
             prepared = await chat.prepare(manager, openai_request)
@@ -244,7 +262,7 @@ async def prepare_chat(manager: ModelManager, request: ChatRequest, keep_alive: 
                 drop += 1
             openai_request = openai_request.model_copy(update={"messages": messages[:oldest] + messages[drop:]})
     manager.keep_alive(prepared.loaded, keep_alive)
-    return Run(request.model, prepared.loaded, prepared.job, started, load_ns, parser=prepared.parser())
+    return Run(request.model, prepared.loaded, prepared.job, started, load_ns, chat=True, parser=prepared.parser())
 
 
 async def prepare_generate(manager: ModelManager, request: GenerateRequest, keep_alive: float | None = None) -> Run:
@@ -295,7 +313,7 @@ async def prepare_generate(manager: ModelManager, request: GenerateRequest, keep
     )
     manager.keep_alive(loaded, keep_alive)
     # A prompt with images has no token list to continue from: its image positions are not tokens.
-    return Run(request.model, loaded, job, started, load_ns, context=None if media else list(tokens))
+    return Run(request.model, loaded, job, started, load_ns, chat=False, context=None if media else list(tokens))
 
 
 async def _templated(request: GenerateRequest, loaded: LoadedModel, manager: ModelManager) -> MediaPrompt:
@@ -457,8 +475,3 @@ async def generate_whole(run: Run) -> GenerateChunk:
     assert last is not None and last.done
     return last.model_copy(update={"response": text, "logprobs": logprobs if run.job.want_logprobs else None})
 
-
-def keep_alive_of(request: GenerationFields) -> float | None:
-    """Seconds the model stays loaded after this request (negative: until the server stops), or None for
-    the server's default."""
-    return parse_keep_alive(request.keep_alive)
