@@ -6,7 +6,8 @@ A corral server is started on a free port with a temporary store; single streame
 timed from their first to their last token. Plain and top_logprobs runs ban end-of-generation tokens so
 they decode exactly `--tokens`; the grammar run asks for a JSON object whose one string property holds the
 story (end-of-generation stays allowed there, since the grammar ends with it), so the grammar is active for
-every token and the rate is taken over however many tokens the model writes. The three
+every token and the rate is taken over however many tokens the model writes; the tool-call run is the same
+with a required call of a `tell(story)` function (its tokens stream as argument deltas). The three
 variants alternate round by round, and each ratio is the median of its per-round ratios.
 """
 
@@ -37,6 +38,15 @@ def main() -> None:
             "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": {
                 "type": "object", "properties": {"story": {"type": "string"}},
                 "required": ["story"], "additionalProperties": False}}},
+        },
+        "tool call (required)": {
+            "temperature": 0,
+            "logit_bias": {},
+            "tools": [{"type": "function", "function": {"name": "tell", "description": "Tell a story",
+                                                        "parameters": {"type": "object", "properties": {
+                                                            "story": {"type": "string"}}, "required": ["story"]}}}],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
         },
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}

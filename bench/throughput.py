@@ -104,7 +104,8 @@ async def one_stream(client: httpx.AsyncClient, max_tokens: int, seed: int, extr
             # counted as they arrive and only the final usage frame is parsed.
             async for data in r.aiter_bytes():
                 now = time.perf_counter()
-                if first is None and b'"content":"' in data.replace(b'"content":""', b""):
+                if first is None and (b'"content":"' in data.replace(b'"content":""', b"")
+                                      or b'"arguments":"' in data.replace(b'"arguments":""', b"")):
                     first = now
                 last = now
                 tail = (tail + data)[-4096:]
