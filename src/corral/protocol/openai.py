@@ -6,6 +6,7 @@ Requests forbid unknown fields: a field corral does not honour is a 400 naming i
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +19,9 @@ DEPRECATED = {
 
 # OpenAI's rule for function names; it also keeps them safe to quote in a grammar and a prompt.
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+# A logit_bias key: a token id, in ASCII digits, short enough for int() (negative ones get a range error later).
+_TOKEN_ID = re.compile(r"-?[0-9]{1,18}")
 
 
 class Strict(BaseModel):
@@ -175,7 +179,7 @@ class SamplingFields(Strict):
     @classmethod
     def _check_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):  # what int() takes: not "--5", "²", or 5000 digits
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {key}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -35,6 +36,7 @@ from ..service.models import ModelManager
 from .openai_routes import _unless_disconnected
 
 router = APIRouter(prefix="/api")
+log = logging.getLogger("corral.server")
 
 
 def _manager(request: Request) -> ModelManager:
@@ -61,6 +63,9 @@ async def _progress(statuses: AsyncIterator[StatusResponse], stream: bool | None
                 yield status.model_dump_json(exclude_none=True).encode() + b"\n"
         except ServiceError as exc:
             yield json.dumps({"error": exc.message}).encode() + b"\n"
+        except Exception as exc:  # the status is already sent; tell the client in-band, as the SSE writer does
+            log.exception("stream failed")
+            yield json.dumps({"error": f"internal error: {type(exc).__name__}"}).encode() + b"\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -74,6 +79,9 @@ def _ndjson(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
                 yield chunk.model_dump_json().encode() + b"\n"
         except ServiceError as exc:
             yield json.dumps({"error": exc.message}).encode() + b"\n"
+        except Exception as exc:  # the status is already sent; tell the client in-band, as the SSE writer does
+            log.exception("stream failed")
+            yield json.dumps({"error": f"internal error: {type(exc).__name__}"}).encode() + b"\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -595,6 +595,8 @@ class _RegexParser:
             return {"*": (0, None), "+": (1, None), "?": (0, 1)}[ch]
         match = re.compile(r"\{(\d+)(,(\d*))?\}").match(self.text, self.pos)
         if ch == "{" and match:
+            if max(len(match.group(1)), len(match.group(3) or "")) > 9:  # far over _MAX_REPEAT; int() refuses 4300+
+                raise self.fail(f"unsupported repetition count at {self.pos}")
             self.pos = match.end()
             low = int(match.group(1))
             if match.group(2) is None:
@@ -1173,7 +1175,8 @@ class _Converter:
                 part = part.replace("~1", "/").replace("~0", "~")
                 if isinstance(node, dict) and part in node:
                     node = node[part]
-                elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                elif isinstance(node, list) and part.isascii() and part.isdigit() and len(part) < 10 \
+                        and int(part) < len(node):  # "²" is a digit to isdigit() but not to int()
                     node = node[int(part)]
                 else:
                     raise SchemaError(f"reference {ref!r} points at nothing", "$ref", path)

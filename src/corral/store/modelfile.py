@@ -118,7 +118,11 @@ _FLOAT_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 def _parse_int(name: str, value: object) -> int:
     """Ints come as text, as JSON ints, or as JSON floats with no fraction (JSON has one number type)."""
     if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
-        return int(value.strip())
+        try:
+            return int(value.strip())
+        except ValueError:  # over Python's 4300-digit limit for int(str): no such parameter value makes sense
+            digits = len(value.strip())
+            raise ModelfileError(f"invalid int value for parameter {name!r}: {digits} digits is too many") from None
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and value.is_integer():
