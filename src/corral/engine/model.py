@@ -8,13 +8,20 @@ from pathlib import Path
 
 import llama_cpp.llama_cpp as ll
 
+from ..store.gguf_check import GGUFError, check_gguf
+
 _backend_lock = threading.Lock()
 _backend_ready = False
+_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
+_load_errors = threading.local()  # llama.cpp's error lines during a load on this thread, to say why it failed
 
 
 @ll.llama_log_callback
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """llama.cpp logs every load in detail to stderr; corral keeps its own log instead."""
+    lines = getattr(_load_errors, "lines", None)
+    if lines is not None and level == _LOG_ERROR:
+        lines.append(text.decode("utf-8", errors="replace").strip())
 
 
 def init_backend() -> None:
@@ -39,9 +46,18 @@ class LlamaModel:
         params = ll.llama_model_default_params()
         params.n_gpu_layers = 0
         params.use_mmap = use_mmap
-        handle = ll.llama_model_load_from_file(str(self.path).encode(), params)
+        try:  # some damage makes llama.cpp abort the process rather than fail the load: refuse it first
+            check_gguf(self.path)
+        except (GGUFError, OSError) as exc:
+            raise ModelLoadError(f"{self.path.name}: {exc}") from None
+        _load_errors.lines = []
+        try:
+            handle = ll.llama_model_load_from_file(str(self.path).encode(), params)
+        finally:
+            errors, _load_errors.lines = _load_errors.lines, None
         if not handle:
-            raise ModelLoadError(f"llama.cpp could not load {self.path}")
+            reason = f": {errors[0]}" if errors else ""  # the first is the cause; the rest say the load failed
+            raise ModelLoadError(f"llama.cpp could not load {self.path.name}{reason}")
         self.handle = handle
         self.vocab = ll.llama_model_get_vocab(handle)
         self.n_vocab: int = ll.llama_vocab_n_tokens(self.vocab)

@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.models_dir)
-        store.remove_stale_temp_files()  # left by writes that a crash interrupted
+        store.claim()  # removes the temporary files of writes that a crash interrupted
         if settings.import_bundled:
             for name in import_bundled(store):
                 log.info("bundled model ready: %s", name)

@@ -24,6 +24,7 @@ from ..protocol.native import (
     VersionResponse,
 )
 from ..store import manage as store_manage
+from ..store.gguf_check import GGUFError, check_gguf
 from ..store.gguf_import import gguf_metadata
 from ..store.modelfile import Modelfile, ModelfileError, coerce_parameters, render
 from ..store.names import InvalidName, Name
@@ -38,7 +39,7 @@ from ..store.store import (
     TEMPLATE_MEDIA_TYPE,
     Entry,
 )
-from .errors import InvalidRequest, ModelNotFound
+from .errors import EngineFailure, InvalidRequest, ModelNotFound
 from .models import EMBEDDING_ARCHITECTURES, ModelManager
 from .templates import ChatTemplate, TemplateRenderError
 
@@ -64,7 +65,11 @@ def _find(manager: ModelManager, raw: str | None) -> Entry:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
+    """A time beyond what datetime can hold (a keep_alive of 1e300 seconds, or inf) is Ollama's "forever"."""
+    try:
+        return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return _FOREVER
 
 
 def _config(manager: ModelManager, entry: Entry) -> dict[str, Any]:
@@ -137,7 +142,14 @@ def capabilities(manager: ModelManager, entry: Entry, meta: dict[str, Any]) -> l
 def show(manager: ModelManager, raw: str | None) -> ShowResponse:
     entry = _find(manager, raw)
     model = entry.manifest.layer(MODEL_MEDIA_TYPE)
-    meta = gguf_metadata(manager.store.blob_path(model.digest)) if model else {}
+    meta: dict[str, Any] = {}
+    if model:
+        path = manager.store.blob_path(model.digest)
+        try:  # weights damaged on disk make the reader fail in ways that do not say so
+            check_gguf(path)
+        except (GGUFError, OSError) as exc:
+            raise EngineFailure(f"model '{entry.name}' is damaged: {model.digest}: {exc}") from None
+        meta = gguf_metadata(path)
     template = _text(manager, entry, TEMPLATE_MEDIA_TYPE) or str(meta.get("tokenizer.chat_template", ""))
     modelfile = modelfile_of(manager, entry)
     params_lines = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .gguf_check import GGUFError, check_gguf
 from .gguf_import import gguf_metadata, model_config
 from .names import Name
 from .safetensors_convert import ConvertError, convert_to_layers
@@ -82,6 +83,10 @@ def _require_gguf(store: Store, digest: str, what: str) -> Path:
     with open(path, "rb") as fh:
         if fh.read(4) != GGUF_MAGIC:
             raise StoreError(f"{what} is not a GGUF file ({digest})")
+    try:
+        check_gguf(path)
+    except GGUFError as exc:
+        raise StoreError(f"{what} is damaged ({digest}): {exc}") from None
     return path
 
 

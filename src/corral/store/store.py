@@ -9,6 +9,7 @@ half-written blob or manifest behind under its final name.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -178,9 +179,26 @@ class Store:
             removed.append(digest)
         return removed
 
+    def claim(self) -> int:
+        """Marks the store as used by this process until it exits (a shared lock on `<root>/.lock`) and removes
+        the temporary files of writes a crash interrupted: all of them when no other process uses the store,
+        else only those older than an hour (the younger ones may be another server's writes in progress).
+        Returns how many were removed."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        try:
+            return self.remove_stale_temp_files(older_than=0.0 if alone else 3600.0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # kept (the descriptor stays open) for the life of the process
+            self._claim = fd
+
     def remove_stale_temp_files(self, older_than: float = 3600.0) -> int:
         """Delete `.tmp-*` files left by writes that were killed, if older than `older_than` seconds."""
-        cutoff = time.time() - older_than
+        cutoff = time.time() - older_than if older_than > 0 else float("inf")
         removed = 0
         for path in [*self.blobs.glob(".tmp-*"), *self.manifests.rglob(".tmp-*")]:
             try:
