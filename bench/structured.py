@@ -7,7 +7,8 @@ timed from their first to their last token. Plain and top_logprobs runs ban end-
 they decode exactly `--tokens`; the grammar run asks for a JSON object whose one string property holds the
 story (end-of-generation stays allowed there, since the grammar ends with it), so the grammar is active for
 every token and the rate is taken over however many tokens the model writes; the tool-call run is the same
-with a required call of a `tell(story)` function (its tokens stream as argument deltas). The three
+with a required call of a `tell(story)` function whose story must be long (`minLength`), so the call
+runs to the token budget (its tokens stream as argument deltas). The
 variants alternate round by round, and each ratio is the median of its per-round ratios.
 """
 
@@ -44,7 +45,8 @@ def main() -> None:
             "logit_bias": {},
             "tools": [{"type": "function", "function": {"name": "tell", "description": "Tell a story",
                                                         "parameters": {"type": "object", "properties": {
-                                                            "story": {"type": "string"}}, "required": ["story"]}}}],
+                                                            "story": {"type": "string", "minLength": 2000}},
+                                                        "required": ["story"]}}}],
             "tool_choice": "required",
             "parallel_tool_calls": False,
         },

@@ -87,7 +87,7 @@ class GenerateJob:
     # Filled in by the runner when the job is admitted.
     cached_tokens: int = 0
     remaining: int = 0
-    generated: int = 0  # tokens generated over all its choices so far (for the request's log line)
+    generated: int = 0  # tokens generated over all its choices so far, updated per token (for the log line)
     started_ns: int = 0  # when it took its slots
     first_token_ns: int = 0  # when its first token was sampled
     # Events cross threads through a deque; the consumer is woken once per delivery, not once per event.

@@ -539,6 +539,7 @@ class Runner:
         if self.model.is_eog(token):
             return self._finish(slot, "stop")
         slot.generated += 1
+        job.generated += 1  # counted as it goes, so an abandoned job's log line says what it cost
         if logprob is not None:
             slot.logprob_sum += logprob
         text, stopped = slot.text.feed(self._piece(job, token))
@@ -593,7 +594,6 @@ class Runner:
             )
         )
         job.remaining -= 1
-        job.generated += slot.generated
         if job.remaining == 0:
             now = time.perf_counter_ns()
             first = job.first_token_ns or now
