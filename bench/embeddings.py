@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from server import start_server
 
 from corral.engine.embedder import Embedder, EmbedderConfig, EmbedJob
 from corral.engine.model import LlamaModel
@@ -96,29 +94,6 @@ async def concurrent(client: httpx.AsyncClient, model: str, clients: int, second
     return total / (time.perf_counter() - start)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "CORRAL_MODELS": str(models), "CORRAL_HOST": f"127.0.0.1:{port}",
-           "CORRAL_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("corral did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="all-minilm")
@@ -137,7 +112,7 @@ def main() -> None:
         gguf = Path(tmp) / "all-minilm.gguf"
         convert(folder.parent, gguf, "all-minilm")
         engine = engine_rate(gguf, args.threads) if args.model == "all-minilm" else None
-        proc, url = start_server(Path(tmp) / "models", args.threads)
+        proc, url = start_server(Path(tmp) / "models", num_threads=args.threads)
         try:
             async def run_all() -> dict[str, list[float]]:
                 rates: dict[str, list[float]] = {label: [] for label, _ in levels}

@@ -32,9 +32,7 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from server import start_server
 
 MODEL = "smollm2:135m"
 EMBED_MODEL = "all-minilm"
@@ -213,32 +212,6 @@ def rss(pid: int, key: str = "VmRSS") -> int:
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(models: Path, log: Path, parallel: int, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "CORRAL_MODELS": str(models), "CORRAL_HOST": f"127.0.0.1:{port}",
-           "CORRAL_NUM_PARALLEL": str(parallel), "CORRAL_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "serve"], env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"corral exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("corral did not start")
-
-
 async def warm_up(url: str) -> str | None:
     """Loads the models; returns why embeddings are skipped, or None when they work."""
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
@@ -281,7 +254,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         started = time.monotonic()
-        proc, url = start_server(Path(tmp) / "models", log, args.parallel, args.threads)
+        proc, url = start_server(Path(tmp) / "models", log, num_parallel=args.parallel,
+                                 num_threads=args.threads)
         try:
             rss_boot = rss(proc.pid)
             skipped = asyncio.run(warm_up(url))

@@ -16,10 +16,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import llama_cpp.llama_cpp as ll
+from server import start_server
 
 from corral.engine.model import LlamaModel
 from corral.store.bundled import bundled_file
@@ -130,29 +128,6 @@ async def concurrent(url: str, streams: int, max_tokens: int, extra: dict) -> tu
     return sum(r.tokens for r in results) / wall, list(results)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(models: Path, parallel: int, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "CORRAL_MODELS": str(models), "CORRAL_HOST": f"127.0.0.1:{port}",
-           "CORRAL_NUM_PARALLEL": str(parallel), "CORRAL_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("corral did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=256, help="tokens decoded per stream")
@@ -173,7 +148,7 @@ def main() -> None:
     ceiling(model, args.threads, 32)  # warm-up
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(Path(tmp) / "models", args.parallel, args.threads)
+        proc, url = start_server(Path(tmp) / "models", num_parallel=args.parallel, num_threads=args.threads)
         try:
             asyncio.run(concurrent(url, 1, 16, extra))  # load the model, warm the prefix cache
             # This machine's speed drifts by several percent from minute to minute, so the ceiling and
