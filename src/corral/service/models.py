@@ -176,22 +176,29 @@ class ModelManager:
                 param="model",
             )
         self._check_queue()
-        loaded = self._loaded.get(entry.digest)
-        if loaded is None or (num_ctx is not None and num_ctx > loaded.n_ctx):
-            async with self._lock:
-                self._reap()
-                loaded = self._loaded.get(entry.digest)
-                if loaded is None or (num_ctx is not None and num_ctx > loaded.n_ctx):
-                    if loaded is None:
-                        await self._make_room()
-                    fresh = await asyncio.to_thread(self._load, entry, num_ctx)
-                    fresh.on_done = self._request_done
-                    if loaded is not None:
-                        self._retire(loaded)
-                    self._loaded[entry.digest] = loaded = fresh
+        loaded = await self._ensure(self._loaded, entry, num_ctx, self._load)
         loaded.last_used = time.monotonic()
         self._arm(loaded, grace=True)
         return loaded
+
+    async def _ensure(self, table: dict[str, Any], entry: Entry, num_ctx: int | None,
+                      load: Callable[[Entry, int | None], Any]) -> Any:
+        """The entry's engine from `table`, loaded (after making room) when missing, and replaced by a larger
+        one when `num_ctx` asks for more context than it has (the old one closes once idle)."""
+        engine = table.get(entry.digest)
+        if engine is not None and (num_ctx is None or num_ctx <= engine.n_ctx):
+            return engine
+        async with self._lock:
+            self._reap()
+            engine = table.get(entry.digest)
+            if engine is None or (num_ctx is not None and num_ctx > engine.n_ctx):
+                if engine is None:
+                    await self._make_room()
+                fresh = await asyncio.to_thread(load, entry, num_ctx)
+                if engine is not None:
+                    self._retire(engine)
+                table[entry.digest] = engine = fresh
+        return engine
 
     def _load(self, entry: Entry, num_ctx: int | None) -> LoadedModel:
         manifest = entry.manifest
@@ -253,6 +260,7 @@ class ModelManager:
             messages=self._json_layer(entry, MESSAGES_MEDIA_TYPE) or [],
             has_projector=manifest.layer(PROJECTOR_MEDIA_TYPE) is not None,
             fingerprint=fingerprint,
+            on_done=self._request_done,
         )
 
     # -- embeddings ------------------------------------------------------------------------------------
@@ -263,18 +271,9 @@ class ModelManager:
         stays loaded when idle: None leaves it as it is (the server's keep-alive, unless an earlier request
         set one), a negative value keeps it until the server stops, 0 unloads it at once."""
         entry = self.resolve(raw_name)
-        async with self._lock:
-            self._reap()
-            loaded = self._embedders.get(entry.digest)
-            if loaded is None or (num_ctx is not None and num_ctx > loaded.n_ctx):
-                if loaded is None:
-                    await self._make_room()
-                fresh = await asyncio.to_thread(self._load_embedder, entry, num_ctx)
-                if loaded is not None:
-                    self._retire(loaded)
-                self._embedders[entry.digest] = loaded = fresh
-            loaded.users += 1
-            self._arm(loaded, grace=True)
+        loaded: LoadedEmbedder = await self._ensure(self._embedders, entry, num_ctx, self._load_embedder)
+        loaded.users += 1
+        self._arm(loaded, grace=True)
         try:
             yield loaded
         finally:
