@@ -56,27 +56,21 @@ async def _progress(statuses: AsyncIterator[StatusResponse], stream: bool | None
             pass
         return JSONResponse(last.model_dump(exclude_none=True))
 
-    async def lines() -> AsyncIterator[bytes]:
-        yield first.model_dump_json(exclude_none=True).encode() + b"\n"
-        try:
-            async for status in statuses:
-                yield status.model_dump_json(exclude_none=True).encode() + b"\n"
-        except ServiceError as exc:
-            yield json.dumps({"error": exc.message}).encode() + b"\n"
-        except Exception as exc:  # the status is already sent; tell the client in-band, as the SSE writer does
-            log.exception("stream failed")
-            yield json.dumps({"error": f"internal error: {type(exc).__name__}"}).encode() + b"\n"
+    async def all_statuses() -> AsyncIterator[StatusResponse]:
+        yield first
+        async for status in statuses:
+            yield status
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return _ndjson(all_statuses(), exclude_none=True)
 
 
-def _ndjson(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+def _ndjson(chunks: AsyncIterator[BaseModel], exclude_none: bool = False) -> StreamingResponse:
     """One JSON object per line; a failure once the response has started is its last line, as Ollama's."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield chunk.model_dump_json().encode() + b"\n"
+                yield chunk.model_dump_json(exclude_none=exclude_none).encode() + b"\n"
         except ServiceError as exc:
             yield json.dumps({"error": exc.message}).encode() + b"\n"
         except Exception as exc:  # the status is already sent; tell the client in-band, as the SSE writer does

@@ -200,9 +200,9 @@ class ModelManager:
                 table[entry.digest] = engine = fresh
         return engine
 
-    def _load(self, entry: Entry, num_ctx: int | None) -> LoadedModel:
-        manifest = entry.manifest
-        model_layer = manifest.layer(MODEL_MEDIA_TYPE)
+    def _open(self, entry: Entry) -> tuple[LlamaModel, dict[str, Any]]:
+        """The entry's weights, loaded, and its PARAMETERs."""
+        model_layer = entry.manifest.layer(MODEL_MEDIA_TYPE)
         if model_layer is None:
             raise EngineFailure(f"model '{entry.name}' has no weights layer")
         params = self._json_layer(entry, PARAMS_MEDIA_TYPE) or {}
@@ -210,6 +210,11 @@ class ModelManager:
             model = LlamaModel(self.store.blob_path(model_layer.digest), use_mmap=params.get("use_mmap", True))
         except ModelLoadError as exc:
             raise EngineFailure(f"model '{entry.name}' could not be loaded: {exc}") from None
+        return model, params
+
+    def _load(self, entry: Entry, num_ctx: int | None) -> LoadedModel:
+        manifest = entry.manifest
+        model, params = self._open(entry)
         if num_ctx is not None and num_ctx > model.n_ctx_train:
             model.close()
             raise InvalidRequest(
@@ -284,14 +289,7 @@ class ModelManager:
             self._arm(loaded)
 
     def _load_embedder(self, entry: Entry, num_ctx: int | None) -> LoadedEmbedder:
-        model_layer = entry.manifest.layer(MODEL_MEDIA_TYPE)
-        if model_layer is None:
-            raise EngineFailure(f"model '{entry.name}' has no weights layer")
-        params = self._json_layer(entry, PARAMS_MEDIA_TYPE) or {}
-        try:
-            model = LlamaModel(self.store.blob_path(model_layer.digest), use_mmap=params.get("use_mmap", True))
-        except ModelLoadError as exc:
-            raise EngineFailure(f"model '{entry.name}' could not be loaded: {exc}") from None
+        model, params = self._open(entry)
         try:
             if num_ctx is not None and num_ctx > model.n_ctx_train:
                 raise InvalidRequest(
