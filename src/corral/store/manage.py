@@ -73,13 +73,19 @@ class ModelSpec:
     messages: list[dict[str, str]] | None = None
 
 
-def _require_gguf(store: Store, digest: str, what: str) -> Path:
+def _uploaded(store: Store, digest: str, what: str) -> Path:
+    """The path of a blob the client says it uploaded; a bad digest or a missing blob is the request's fault."""
     try:
         path = store.blob_path(digest)
     except ValueError as exc:
         raise StoreError(str(exc)) from None
     if not path.is_file():
         raise StoreError(f"{what} blob {digest} has not been uploaded")
+    return path
+
+
+def _require_gguf(store: Store, digest: str, what: str) -> Path:
+    path = _uploaded(store, digest, what)
     with open(path, "rb") as fh:
         if fh.read(4) != GGUF_MAGIC:
             raise StoreError(f"{what} is not a GGUF file ({digest})")
@@ -100,13 +106,7 @@ def _convert_folder(store: Store, files: dict[str, str], name: Name) -> tuple[La
                 raise StoreError(f"file name {relative!r} is not a relative path inside the model folder")
             target = folder.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                source = store.blob_path(digest)
-            except ValueError as exc:
-                raise StoreError(str(exc)) from None
-            if not source.is_file():
-                raise StoreError(f"{relative}: blob {digest} has not been uploaded")
-            os.symlink(source, target)
+            os.symlink(_uploaded(store, digest, f"{relative}:"), target)
         try:
             return convert_to_layers(store, folder, name.model)
         except ConvertError as exc:
